@@ -1,0 +1,209 @@
+"""Datasets, transforms and loaders for every ViCHA task (spec pipeline §2.1, §4).
+
+Scripts call `resolve_paths` on their config, then `create_dataset`, `create_sampler` and
+`create_loader`. Datasets return raw strings; tokenisation happens in the task code.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .base import AnnotationDataset, build_vc_string
+from .collate import vqa_collate_fn
+from .grounding_dataset import GroundingDataset
+from .loading import AnnotationError, load_image, load_json
+from .nlvr_dataset import NLVRDataset
+from .pretrain_dataset import PretrainDataset, rewrite_pretrain_path
+from .retrieval_dataset import RetrievalEvalDataset, RetrievalTrainDataset
+from .text import pre_caption, pre_question
+from .transforms import CLIP_MEAN, CLIP_STD, build_transform
+from .ve_dataset import VE_LABELS, VEDataset
+from .vqa_dataset import VQADataset
+
+__all__ = [
+    "AnnotationDataset", "AnnotationError", "CLIP_MEAN", "CLIP_STD", "GroundingDataset", "NLVRDataset",
+    "PretrainDataset", "RetrievalEvalDataset", "RetrievalTrainDataset", "VEDataset", "VE_LABELS",
+    "VQADataset", "build_transform", "build_vc_string", "create_dataset", "create_loader",
+    "create_sampler", "load_image", "load_json", "pre_caption", "pre_question", "resolve_paths",
+    "rewrite_pretrain_path", "vqa_collate_fn",
+]
+
+# Per script: config keys joined with --data_json_dir and with --data_dir (spec pipeline §2.1).
+# Values may be a string or a list of strings; each element is joined.
+PATH_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "Pretrain": (("train_file",), ()),
+    "Pretrain_nlvr": (("train_file",), ()),
+    "Retrieval": (("train_file", "val_file", "test_file"), ("image_root",)),
+    "VE": (("train_file", "val_file", "test_file"), ("image_root",)),
+    "NLVR": (("train_file", "val_file", "test_file"), ("image_root",)),
+    "VQA": (("train_file", "test_file", "answer_list"), ("vqa_root", "vg_root")),
+    "Grounding": (("train_file", "test_file", "det_file", "coco_file"), ("image_root",)),
+}
+
+
+def _require(config: dict, key: str, where: str) -> Any:
+    if key not in config:
+        raise KeyError(f"config is missing '{key}' (needed by {where})")
+    return config[key]
+
+
+def _join(base: str, value: str | list[str]) -> str | list[str]:
+    if isinstance(value, list):
+        return [os.path.join(base, v) for v in value]
+    return os.path.join(base, value)
+
+
+def resolve_paths(script: str, config: dict, data_dir: str, data_json_dir: str) -> dict:
+    """Join the config's relative paths in place (and return it), per script as the original.
+
+    Plain `os.path.join`, so an absolute value in the YAML is kept. Grounding also sets
+    `refcoco_data` to `data_json_dir` (the REFER files live there). Pretraining image paths are
+    not in the config; `PretrainDataset` maps them onto `data_dir`.
+    """
+    if script not in PATH_KEYS:
+        raise ValueError(f"unknown script {script!r}; expected one of {sorted(PATH_KEYS)}")
+    json_keys, data_keys = PATH_KEYS[script]
+    for base, keys in ((data_json_dir, json_keys), (data_dir, data_keys)):
+        for key in keys:
+            config[key] = _join(base, _require(config, key, f"{script} path joining"))
+    if script == "Grounding":
+        config["refcoco_data"] = data_json_dir
+    return config
+
+
+def _vc_options(config: dict) -> dict:
+    """VC keys shared by every dataset: `sep_token` (code default True) and `randkw_p` (default off)."""
+    return {"sep_token": config.get("sep_token", True), "randkw_p": config.get("randkw_p")}
+
+
+def _pretrain(config: dict, res: int, vc: dict, data_dir: str | None) -> Dataset:
+    if data_dir is None:
+        raise ValueError("create_dataset('pretrain') needs data_dir: pretraining image paths are remapped onto it")
+    return PretrainDataset(config["train_file"], build_transform("pretrain", res), data_dir, **vc)
+
+
+def _retrieval(config: dict, res: int, vc: dict, data_dir: str | None) -> tuple[Dataset, ...]:
+    root, test_t = config["image_root"], build_transform("test", res)
+    return (
+        RetrievalTrainDataset(config["train_file"], build_transform("train", res), root, **vc),
+        RetrievalEvalDataset(config["val_file"], test_t, root, **vc),
+        RetrievalEvalDataset(config["test_file"], test_t, root, **vc),
+    )
+
+
+def _vqa(config: dict, res: int, vc: dict, data_dir: str | None) -> tuple[Dataset, ...]:
+    roots = (config["vqa_root"], config["vg_root"])
+    return (
+        VQADataset(config["train_file"], build_transform("train", res), *roots, split="train", **vc),
+        VQADataset(config["test_file"], build_transform("test", res), *roots, split="test",
+                   answer_list=config["answer_list"], **vc),
+    )
+
+
+def _three_splits(cls: type) -> Callable[..., tuple[Dataset, ...]]:
+    """Builder for formats with train/val/test files under one image root (VE, NLVR)."""
+    def build(config: dict, res: int, vc: dict, data_dir: str | None) -> tuple[Dataset, ...]:
+        root, test_t = config["image_root"], build_transform("test", res)
+        return (
+            cls(config["train_file"], build_transform("train", res), root, **vc),
+            cls(config["val_file"], test_t, root, **vc),
+            cls(config["test_file"], test_t, root, **vc),
+        )
+    return build
+
+
+def _grounding(config: dict, res: int, vc: dict, data_dir: str | None) -> tuple[Dataset, ...]:
+    root = config["image_root"]
+    return (
+        GroundingDataset(config["train_file"], build_transform("grounding_train", res), root, mode="train", **vc),
+        GroundingDataset(config["test_file"], build_transform("test", res), root, mode="test", **vc),
+    )
+
+
+# name -> (config keys it reads besides image_res and the optional VC keys, builder)
+DATASET_BUILDERS: dict[str, tuple[tuple[str, ...], Callable[..., Dataset | tuple[Dataset, ...]]]] = {
+    "pretrain": (("train_file",), _pretrain),
+    "re": (("train_file", "val_file", "test_file", "image_root"), _retrieval),
+    "vqa": (("train_file", "test_file", "answer_list", "vqa_root", "vg_root"), _vqa),
+    "ve": (("train_file", "val_file", "test_file", "image_root"), _three_splits(VEDataset)),
+    "nlvr": (("train_file", "val_file", "test_file", "image_root"), _three_splits(NLVRDataset)),
+    "grounding": (("train_file", "test_file", "image_root"), _grounding),
+}
+
+
+def create_dataset(name: str, config: dict, data_dir: str | None = None) -> Dataset | tuple[Dataset, ...]:
+    """Build the datasets of task `name` from an already path-resolved config.
+
+    pretrain -> dataset; re -> (train, val, test); vqa -> (train, test); ve -> (train, val, test);
+    nlvr -> (train, val, test); grounding -> (train, test). `data_dir` is needed only by
+    'pretrain' (its JSONs hold absolute paths that are remapped onto it). Every key the task
+    reads is checked first, so a missing one is reported by name before any file is opened.
+    """
+    if name not in DATASET_BUILDERS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASET_BUILDERS)}")
+    keys, build = DATASET_BUILDERS[name]
+    for key in ("image_res", *keys):
+        _require(config, key, f"create_dataset({name!r})")
+    return build(config, config["image_res"], _vc_options(config), data_dir)
+
+
+def create_sampler(
+    datasets: Sequence[Dataset | None],
+    shuffles: Sequence[bool | None],
+    num_replicas: int,
+    rank: int,
+    seed: int = 0,
+) -> list[DistributedSampler | None]:
+    """One `DistributedSampler` per dataset, also for a single process (`num_replicas=1`).
+
+    Always using it makes `set_epoch(epoch)` give the same order per epoch whether or not the run
+    is distributed, so a resumed run replays the same order. A None dataset or a None shuffle flag
+    gives no sampler (retrieval val/test: every rank loads the whole set). Non-shuffling samplers
+    pad with repeated items to a multiple of `num_replicas`, as the original.
+    """
+    samplers: list[DistributedSampler | None] = []
+    for dataset, shuffle in zip(datasets, shuffles, strict=True):
+        if dataset is None or shuffle is None:
+            samplers.append(None)
+        else:
+            samplers.append(
+                DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+            )
+    return samplers
+
+
+def create_loader(
+    datasets: Sequence[Dataset],
+    samplers: Sequence[torch.utils.data.Sampler | None],
+    batch_size: Sequence[int],
+    num_workers: Sequence[int],
+    is_trains: Sequence[bool],
+    collate_fns: Sequence[Callable | None],
+) -> list[DataLoader]:
+    """One DataLoader per dataset: training loaders drop the last partial batch and shuffle only
+    when they have no sampler; memory is pinned only when CUDA is available. Workers are not
+    persistent: they are seeded afresh from the epoch's RNG state."""
+    loaders = []
+    for dataset, sampler, bs, workers, is_train, collate in zip(
+        datasets, samplers, batch_size, num_workers, is_trains, collate_fns, strict=True
+    ):
+        loaders.append(
+            DataLoader(
+                dataset,
+                batch_size=bs,
+                num_workers=workers,
+                pin_memory=torch.cuda.is_available(),
+                sampler=sampler,
+                shuffle=is_train and sampler is None,
+                collate_fn=collate,
+                drop_last=is_train,
+                # Workers are re-created (and re-seeded) each epoch, so a resumed run replays the
+                # same augmentations as an uninterrupted one.
+                persistent_workers=False,
+            )
+        )
+    return loaders

@@ -1,0 +1,41 @@
+"""Image transforms for every split (spec pipeline §4.5): bicubic resizing and CLIP normalisation."""
+
+from __future__ import annotations
+
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from .randaugment import RandomAugment
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+TRANSFORM_KINDS = ("pretrain", "train", "grounding_train", "test")
+
+
+def build_transform(kind: str, image_res: int) -> transforms.Compose:
+    """Return the torchvision pipeline `kind` at resolution `image_res` (picklable for workers).
+
+    pretrain / train: RandomResizedCrop (scale 0.2-1 / 0.5-1) + flip + RandAugment(2, 7);
+    grounding_train: square Resize + flip + RandAugment (no crop, boxes must stay in frame);
+    test: square Resize only (aspect ratio not kept).
+    """
+    bicubic = InterpolationMode.BICUBIC
+    if kind in ("pretrain", "train"):
+        scale = (0.2, 1.0) if kind == "pretrain" else (0.5, 1.0)
+        steps = [
+            transforms.RandomResizedCrop(image_res, scale=scale, interpolation=bicubic),
+            transforms.RandomHorizontalFlip(),
+            RandomAugment(2, 7, isPIL=True),
+        ]
+    elif kind == "grounding_train":
+        steps = [
+            transforms.Resize((image_res, image_res), interpolation=bicubic),
+            transforms.RandomHorizontalFlip(),
+            RandomAugment(2, 7, isPIL=True),
+        ]
+    elif kind == "test":
+        steps = [transforms.Resize((image_res, image_res), interpolation=bicubic)]
+    else:
+        raise ValueError(f"unknown transform kind {kind!r}; expected one of {TRANSFORM_KINDS}")
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])

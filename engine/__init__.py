@@ -1,0 +1,1 @@
+"""Training/evaluation engine shared by the task scripts: config handling, the training loop, tasks."""

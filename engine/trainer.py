@@ -1,0 +1,235 @@
+"""The one training / evaluation loop shared by every script (pipeline.md §3).
+
+``run(task, args, config)`` does what each original script did, with the task supplying what
+differs: set-up (distributed, seed, output folder, config.yaml), data, model, optimiser and
+scheduler, checkpoint loading or resuming, then per epoch: scheduler protocol, training with the
+alpha ramp and the step-wise warm-up, evaluation, ``log.txt`` and an atomic checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import os
+import time
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+import utils
+from dataset import resolve_paths
+from engine.config import get_option, save_config
+from engine.tasks.base import Task, to_device
+from models.checkpoint import LoadReport, load_checkpoint, load_state_dict_checked, model_state_dict, read_checkpoint
+from models.tokenization import build_tokenizer
+from optim import create_optimizer
+from scheduler import create_scheduler
+from scheduler.cosine_lr import warmup_step_due
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a loss becomes NaN/inf; the message names the epoch, the step and every term."""
+
+
+class NonFiniteGuard:
+    """Records the first non-finite loss on the device, so the check costs no sync per step."""
+
+    def __init__(self) -> None:
+        self.first_step: Optional[torch.Tensor] = None
+        self.values: Optional[torch.Tensor] = None
+        self.names: list[str] = []
+
+    def observe(self, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        stacked = torch.stack([loss.detach().float()] + [t.detach().float().reshape(()) for t in terms.values()])
+        if self.first_step is None:
+            self.first_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self.values = torch.zeros_like(stacked)
+            self.names = ["loss"] + list(terms)
+        fresh = (~torch.isfinite(stacked[0])) & (self.first_step < 0)
+        self.first_step = torch.where(fresh, torch.full_like(self.first_step, step), self.first_step)
+        self.values = torch.where(fresh, stacked, self.values)
+
+    def check(self, epoch: int) -> None:
+        if self.first_step is None:
+            return
+        step = int(self.first_step)
+        if step >= 0:
+            terms = ", ".join(f"{n}={v:.4g}" for n, v in zip(self.names, self.values.tolist()))
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch}, step {step}: {terms}. "
+                "Stopped before writing a checkpoint; the last saved checkpoint is intact."
+            )
+
+
+def autocast_context(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def train_one_epoch(task: Task, model: nn.Module, loader, optimizer, scheduler, epoch: int, config: dict,
+                    device: torch.device) -> dict[str, str]:
+    """One epoch; returns the meters' global averages formatted as the original's log strings."""
+    model.train()
+    logger = utils.MetricLogger(delimiter="  ")
+    logger.add_meter("lr", utils.SmoothedValue(window_size=task.meter_window, fmt="{value:.6f}"))
+    warmup_epochs = config["schedular"]["warmup_epochs"]
+    iterations = len(loader)
+    print_freq = get_option(config, "print_freq")
+    max_norm = get_option(config, "max_grad_norm")
+    bf16 = get_option(config, "bf16")
+    guard = NonFiniteGuard()
+    header = f"Train Epoch: [{epoch}]"
+    for step, batch in enumerate(logger.log_every(loader, print_freq, header)):
+        batch = to_device(batch, device)
+        alpha = task.alpha(config, epoch, step, iterations)
+        with autocast_context(device, bf16):
+            terms = task.train_step(model, batch, alpha, device)
+        loss = sum(terms.values())
+        guard.observe(step, loss, terms)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        logger.update(lr=optimizer.param_groups[0]["lr"], **{name: value.detach() for name, value in terms.items()})
+        due = warmup_step_due(epoch, step, warmup_epochs)
+        if due is not None:
+            scheduler.step(due)
+        if (step + 1) % print_freq == 0:
+            guard.check(epoch)
+    guard.check(epoch)
+    logger.synchronize_between_processes()
+    print("Averaged stats:", logger.global_avg())
+    return {name: task.log_format.format(meter.global_avg) for name, meter in logger.meters.items()}
+
+
+def _checkpoint_payload(model: nn.Module, optimizer, scheduler, config: dict, epoch: int, extra: dict) -> dict:
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": scheduler.state_dict(),
+        "config": config,
+        "epoch": epoch,
+    }
+    payload.update(extra)
+    return payload
+
+
+def load_initial_weights(task: Task, args: argparse.Namespace, config: dict, model: nn.Module, optimizer,
+                         scheduler) -> tuple[int, dict]:
+    """``--checkpoint`` with ``--resume``: restore model, optimiser, scheduler and continue at the next
+    epoch. Without ``--resume``: task-specific remap of a (pretraining) checkpoint. Returns
+    (start_epoch, extra state such as the best metric so far)."""
+    if not args.checkpoint:
+        return 0, {}
+    if getattr(args, "resume", False):
+        checkpoint = read_checkpoint(args.checkpoint)
+        for key in ("model", "lr_scheduler", "epoch"):
+            if key not in checkpoint:
+                raise KeyError(f"cannot resume from {args.checkpoint}: it has no '{key}' entry")
+        report = load_state_dict_checked(model, model_state_dict(checkpoint), source=args.checkpoint)
+        if report.missing_keys:
+            raise ValueError(f"cannot resume from {args.checkpoint}: {report.summary()}")
+        if not config.get("avoid_optim", False):
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        print(f"resumed from {args.checkpoint} (epoch {checkpoint['epoch']})")
+        return checkpoint["epoch"] + 1, {k: checkpoint[k] for k in ("best", "best_epoch") if k in checkpoint}
+    report: LoadReport
+    report, _ = load_checkpoint(model, args.checkpoint, task.name, training=not getattr(args, "evaluate", False),
+                                distill=config.get("distill", True))
+    task.check_load_report(report, args.checkpoint, model)
+    print(f"loaded {args.checkpoint}: {report.summary()}")
+    return 0, {}
+
+
+def configure_runtime(model: nn.Module, config: dict) -> None:
+    """Apply the speed switches of the config to a freshly built model."""
+    if hasattr(model, "set_fused_attention"):
+        model.set_fused_attention(get_option(config, "fused_attention"))
+    if get_option(config, "grad_checkpointing") and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+
+
+def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
+    """Train and/or evaluate ``task``; returns the last log record (handy for tests)."""
+    utils.init_distributed_mode(args)
+    device = torch.device(args.device)
+    if device.type == "cuda" and args.gpu is not None:
+        device = torch.device("cuda", args.gpu)
+    rank = utils.get_rank()
+    utils.seed_everything(args.seed + rank)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if utils.is_main_process():
+        save_config(config, os.path.join(args.output_dir, "config.yaml"))  # as given, before path joining
+    config = resolve_paths(task.script, copy.deepcopy(config), args.data_dir, args.data_json_dir)
+
+    tokenizer = build_tokenizer(args.text_encoder)
+    datasets = task.build_datasets(config, args)
+    loaders = task.build_loaders(datasets, config, args, tokenizer)
+    model = task.build_model(config, args, tokenizer)
+    configure_runtime(model, config)
+    model.to(device)
+    print(f"parameters: {utils.compute_n_params(model)}")
+
+    optimizer = create_optimizer(config["optimizer"], model)
+    scheduler, _ = create_scheduler(config["schedular"], optimizer)
+    start_epoch, state = load_initial_weights(task, args, config, model, optimizer, scheduler)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None,
+            find_unused_parameters=task.find_unused_parameters,
+            broadcast_buffers=False,  # queues are identical on every rank (gathered writes)
+        )
+
+    epochs = config["schedular"]["epochs"]
+    warmup_epochs = config["schedular"]["warmup_epochs"]
+    evaluate_only = getattr(args, "evaluate", False)
+    best, best_epoch = state.get("best", 0.0), state.get("best_epoch", 0)
+    log_path = os.path.join(args.output_dir, "log.txt")
+    record: dict[str, Any] = {}
+    start_time = time.time()
+    print(f"start {'evaluation' if evaluate_only else 'training'} (epochs {start_epoch}..{epochs - 1})")
+    for epoch in range(start_epoch, epochs):
+        if task.scheduler_step_at == "epoch_start" and epoch > 0 and not evaluate_only:
+            scheduler.step(epoch + warmup_epochs)
+        utils.seed_everything((args.seed + rank) * 1000 + epoch)  # per-epoch streams: resume = no restart
+        train_stats: dict[str, str] = {}
+        if not evaluate_only:
+            loaders["train"].sampler.set_epoch(epoch)
+            train_stats = train_one_epoch(task, model, loaders["train"], optimizer, scheduler, epoch, config, device)
+        metrics = task.evaluate(model_without_ddp, loaders, config, args, epoch, device)
+        record = {**{f"train_{k}": v for k, v in train_stats.items()}, **metrics, "epoch": epoch}
+        if utils.is_main_process():
+            utils.append_log_line(log_path, record)
+            if not evaluate_only:
+                selection = task.selection_metric(metrics)
+                improved = selection is not None and selection > best
+                if improved:
+                    best, best_epoch = selection, epoch
+                extra = {"best": best, "best_epoch": best_epoch} if task.checkpoint_policy == "best" else {}
+                payload = _checkpoint_payload(model_without_ddp, optimizer, scheduler, config, epoch, extra)
+                utils.atomic_save(payload, os.path.join(args.output_dir, "checkpoint_last.pth"))
+                if improved:
+                    utils.atomic_save(payload, os.path.join(args.output_dir, "checkpoint_best.pth"))
+                save_step = config.get("save_step")
+                if save_step and (epoch + 1) % save_step == 0:
+                    utils.atomic_save(payload, os.path.join(args.output_dir, f"checkpoint_{epoch:02d}.pth"))
+        if evaluate_only:
+            break
+        if task.scheduler_step_at == "epoch_end":
+            scheduler.step(epoch + warmup_epochs + 1)
+        utils.barrier()
+    if task.checkpoint_policy == "best" and not evaluate_only and utils.is_main_process():
+        utils.append_log_line(log_path, f"best epoch: {best_epoch}")
+    elapsed = str(datetime.timedelta(seconds=int(time.time() - start_time)))
+    print(f"{'evaluation' if evaluate_only else 'training'} time {elapsed}; log: {os.path.abspath(log_path)}")
+    if not evaluate_only:
+        print(f"checkpoint: {os.path.abspath(os.path.join(args.output_dir, 'checkpoint_last.pth'))}")
+    return record

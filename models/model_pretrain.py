@@ -1,0 +1,172 @@
+"""ViCHA pretraining model (models.md §3): ITC + hierarchical ITC + ITM + MLM + MAE."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.models.vision_transformer import Block
+
+from models import losses
+from models.backbone import AlignmentMixin, MomentumMixin, QueueMixin, ViCHABase, build_text_encoder, build_visual_encoder, maybe_load_deit
+from models.pos_embed import get_2d_sincos_pos_embed
+from models.tokenization import TokenBatch
+from utils import concat_all_gather, get_rank
+
+
+class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
+    """``forward(image, (caption, vc), alpha)`` returns the four summed loss terms by name."""
+
+    def __init__(self, config: dict, text_encoder: str = "bert-base-uncased", tokenizer=None,
+                 init_deit: bool = True) -> None:
+        super().__init__(config, tokenizer)
+        bert_config = self.build_bert_config(tokenizer)
+        embed_dim, vision_width = config["embed_dim"], config["vision_width"]
+        self.momentum = config["momentum"]
+        self.mlm_probability = config["mlm_probability"]
+        self.vocab_size = bert_config.vocab_size
+        self.hierarchical = bool(config.get("return_hidden_state", False))
+
+        self.visual_encoder = build_visual_encoder(config, return_hidden_state=self.hierarchical)
+        maybe_load_deit(self.visual_encoder, config, default=init_deit)
+        self.text_encoder = build_text_encoder(bert_config, "mlm", text_encoder, config.get("init_bert", True))
+        self.build_vc_path(bert_config, text_encoder)
+        text_width = bert_config.hidden_size
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.temp = nn.Parameter(torch.ones([]) * config["temp"])
+        self.itm_head = nn.Linear(text_width, 2)
+        self.create_momentum_twins(["visual_encoder", "vision_proj", "text_encoder", "text_proj", "kw_encoder", "kw_proj"])
+
+        if self.hierarchical:
+            self.num_hidden_align = config.get("num_hidden_align", 5)
+            depth = len(self.visual_encoder.blocks)
+            if not 1 <= self.num_hidden_align < min(depth, bert_config.fusion_layer + 1):
+                raise ValueError(
+                    f"num_hidden_align {self.num_hidden_align} needs that many ViT blocks and BERT text layers "
+                    f"before the last ones (ViT depth {depth}, fusion_layer {bert_config.fusion_layer})"
+                )
+            self.hidden_weight = config.get("ita_hidden_weight", 1.0)
+            self.hidden_weights = config.get("ita_hidden_weights") or [1.0] * self.num_hidden_align
+            self.vision_proj_hidden = nn.ModuleList(
+                [nn.Linear(vision_width, embed_dim) for _ in range(self.num_hidden_align)])
+            self.text_proj_hidden = nn.ModuleList(
+                [nn.Linear(text_width, embed_dim) for _ in range(self.num_hidden_align)])
+
+        self.use_mae = bool(config.get("mae", False))
+        if self.use_mae:
+            self._build_mae(config)
+        self.create_queues(embed_dim, config["queue_size"])
+
+    # ------------------------------------------------------------------------------------------
+    def _build_mae(self, config: dict) -> None:
+        if not config.get("unimodal_mae", False) or config.get("uni_cross_modal_mae", False):
+            raise ValueError("only unimodal_mae: True is implemented (the cross-modal MAE variants "
+                             "are used by no released config)")
+        vit = self.visual_encoder
+        width = config["vision_width"]
+        self.mask_ratio = config.get("mask_ratio", 0.75)
+        self.mae_cls_pos_embed = bool(config.get("mae_cls_pos_embed", False))
+        self.mae_proj = nn.Linear(width, vit.patch_size ** 2 * 3)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))  # zeros: the original re-creates it
+        self.decoder_embed = nn.Linear(width, width)
+        heads = config.get("mae_decoder_heads", 16)
+        self.decoder_blocks = nn.ModuleList([
+            Block(width, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            for _ in range(config.get("mae_decoder_depth", 2))
+        ])
+        self.decoder_norm = nn.LayerNorm(width)  # eps 1e-5, PyTorch's default, as the original
+        pos = get_2d_sincos_pos_embed(width, vit.grid_size, cls_token=True)
+        self.decoder_pos_embed = nn.Parameter(torch.from_numpy(pos).float().unsqueeze(0), requires_grad=False)
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, image: torch.Tensor, text: tuple[TokenBatch, TokenBatch], alpha: float = 0.0) -> dict:
+        caption, vc = text
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+
+        # 1-2. online image (with VCs) and text encoders, ITC features
+        (image_out, image_mask) = self.encode_image(image, vc, return_hidden_state=self.hierarchical)
+        image_embeds, image_hidden = image_out if self.hierarchical else (image_out, None)
+        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # (B, E)
+        text_out = self.text_encoder.bert(caption.input_ids, caption.attention_mask, mode="text",
+                                          output_hidden_states=self.hierarchical)
+        text_embeds = text_out.last_hidden_state  # (B, Lt, Dt)
+        text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
+
+        # 3-4. momentum features, key banks, distillation targets and ITC
+        with torch.no_grad():
+            self._momentum_update()
+            image_embeds_m, _ = self.encode_image(image, vc, momentum=True)
+            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
+            text_out_m = self.text_encoder_m.bert(caption.input_ids, caption.attention_mask, mode="text",
+                                                  output_hidden_states=False)
+            text_feat_m = F.normalize(self.text_proj_m(text_out_m.last_hidden_state[:, 0]), dim=-1)
+        loss_itc, sim_i2t, sim_t2i = self.momentum_contrastive_loss(image_feat, text_feat, image_feat_m,
+                                                                     text_feat_m, alpha)
+        # 5. enqueue
+        self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+        # 6. hierarchical ITC
+        loss_ita = loss_itc
+        if self.hierarchical:
+            loss_ita = loss_itc + self.hidden_weight * self.hierarchical_loss(image_hidden, text_out.hidden_states)
+        # 7. ITM with hard negatives
+        loss_itm = self.itm_loss(image_embeds, image_mask, text_embeds, caption.attention_mask, sim_i2t, sim_t2i)
+        # 8. MLM with distillation
+        loss_mlm = self.mlm_loss(caption, image_embeds, image_embeds_m, image_mask, alpha)
+        result = {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm}
+        # 9. MAE
+        if self.use_mae:
+            result["loss_mae"] = self.mae_loss(image)
+        return result
+
+    # ------------------------------------------------------------------------------------------
+    def hierarchical_loss(self, image_hidden: tuple, text_hidden: tuple) -> torch.Tensor:
+        """Level i pairs ViT block (depth-1-n+i) with BERT text hidden entry (fusion-n+i) (§3.4)."""
+        levels = self.num_hidden_align
+        image_levels = image_hidden[-(levels + 1):-1]
+        text_levels = text_hidden[-(levels + 1):-1]
+        image_cls = [F.normalize(proj(h[:, 0]), dim=-1) for proj, h in zip(self.vision_proj_hidden, image_levels)]
+        text_cls = [F.normalize(proj(h[:, 0]), dim=-1) for proj, h in zip(self.text_proj_hidden, text_levels)]
+        gathered_image = [concat_all_gather(a) for a in image_cls]
+        gathered_text = [concat_all_gather(b) for b in text_cls]
+        offset = get_rank() * image_cls[0].shape[0] if self.config.get("fix_hitc_rank_offset", False) else 0
+        return losses.hierarchical_contrastive_loss(
+            image_cls, text_cls, gathered_image, gathered_text, self.temp, self.hidden_weights, offset)
+
+    def mlm_loss(self, caption: TokenBatch, image_embeds, image_embeds_m, image_mask, alpha: float) -> torch.Tensor:
+        input_ids, labels = losses.mask_tokens(
+            caption.input_ids, self.vocab_size, self.mask_token_id, self.pad_token_id, self.cls_token_id,
+            self.mlm_probability)
+        with torch.no_grad():
+            logits_m = self.text_encoder_m(input_ids, caption.attention_mask, encoder_hidden_states=image_embeds_m,
+                                           encoder_attention_mask=image_mask, return_logits=True)
+        out = self.text_encoder(input_ids, caption.attention_mask, encoder_hidden_states=image_embeds,
+                                encoder_attention_mask=image_mask, labels=labels,
+                                soft_labels=F.softmax(logits_m.float(), dim=-1), alpha=alpha)
+        return out.loss
+
+    def mae_loss(self, image: torch.Tensor) -> torch.Tensor:
+        """Unimodal MAE: encode 25 % of the patches, decode all, regress masked pixels (§3.7)."""
+        vit = self.visual_encoder
+        batch, num_patches = image.shape[0], vit.num_patches
+        keep_count = int(num_patches * (1 - self.mask_ratio))
+        noise = torch.rand(batch, num_patches, device=image.device)
+        order = torch.argsort(noise, dim=1)  # smallest noise kept
+        restore = torch.argsort(order, dim=1)
+        latent = vit.forward_masked(image, order[:, :keep_count], cls_pos_embed=self.mae_cls_pos_embed)
+        mask = torch.ones(batch, num_patches, device=image.device)
+        mask[:, :keep_count] = 0
+        mask = torch.gather(mask, 1, restore)  # 1 = removed patch
+
+        decoded = self.decoder_embed(latent)  # (B, 1+keep, D)
+        fillers = self.mask_token.to(decoded.dtype).expand(batch, num_patches - keep_count, -1)
+        patches = torch.cat([decoded[:, 1:], fillers], dim=1)
+        patches = torch.gather(patches, 1, restore.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        decoded = torch.cat([decoded[:, :1], patches], dim=1) + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            decoded = block(decoded)
+        pred = self.mae_proj(self.decoder_norm(decoded))[:, 1:]  # (B, N, p*p*3)
+        return losses.mae_loss(pred, image, mask, vit.patch_size)
