@@ -2,7 +2,8 @@
 
     python filter_dataset_per_image.py --data_json json_pretrain/vg_kw.json \
         --caption_emb embeddings/vg_caption_embeddings \
-        --image_emb image_embeddings/vg_image_embeddings --per 0.5 --output json_pretrain/vg_kw_50.json
+        --image_emb image_embeddings/vg_image_embeddings --per 0.5 \
+        --output json_pretrain/vg_kw_50.json
 
 Each image keeps floor(per * its captions), best first, so an image with fewer than 1/per
 captions loses all of them (as the original). Output grouped by image in first-appearance order,

@@ -2,7 +2,8 @@
 
     python filter_dataset_percentage.py --data_json json_pretrain/sbu_kw.json \
         --caption_emb embeddings/sbu_caption_embeddings \
-        --image_emb image_embeddings/sbu_image_embeddings --per 0.7 --output json_pretrain/sbu_kw_70.json
+        --image_emb image_embeddings/sbu_image_embeddings --per 0.7 \
+        --output json_pretrain/sbu_kw_70.json
 
 Output: the kept records sorted by `sim` (descending), each with its `sim`. Without the two
 embedding flags, an already scored file is re-filtered on its stored `sim`.

@@ -154,6 +154,19 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process.
+
+    Used to collect evaluation results (VQA answers, Grad-CAM maps) on every rank instead of the
+    original's per-rank files.
+    """
+    if get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def _reduce_device() -> torch.device:
     """Device of tensors handed to collectives: NCCL needs CUDA tensors, gloo takes CPU ones."""
     if dist.get_backend() == "nccl":

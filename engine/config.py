@@ -140,6 +140,7 @@ _TOP: dict[str, _Key] = {
     "num_workers": _Key("int", 4, "DataLoader worker processes"),
     "print_freq": _Key("int", 50, "iterations between console log lines"),
     "eval_batch_size_text": _Key("int", 64, "Retrieval evaluation: texts per encoder batch"),
+    "block_num": _Key("int", None, "Grounding: text layer whose cross-attention gives Grad-CAM (--block_num wins; None = 8)"),
     "max_grad_norm": _Key("float", None, "clip the gradient norm to this value (None = no clipping)"),
 }
 

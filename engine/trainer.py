@@ -53,7 +53,8 @@ class NonFiniteGuard:
         self.first_step = torch.where(fresh, torch.full_like(self.first_step, step), self.first_step)
         self.values = torch.where(fresh, stacked, self.values)
 
-    def check(self, epoch: int) -> None:
+    def check(self, epoch: int, cause: Optional[BaseException] = None) -> None:
+        """Raise :class:`NonFiniteLossError` if a non-finite loss was seen (``cause``: a later error)."""
         if self.first_step is None:
             return
         step = int(self.first_step)
@@ -62,7 +63,7 @@ class NonFiniteGuard:
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {epoch}, step {step}: {terms}. "
                 "Stopped before writing a checkpoint; the last saved checkpoint is intact."
-            )
+            ) from cause
 
 
 def autocast_context(device: torch.device, bf16: bool):
@@ -87,15 +88,21 @@ def train_one_epoch(task: Task, model: nn.Module, loader, optimizer, scheduler, 
     for step, batch in enumerate(logger.log_every(loader, print_freq, header)):
         batch = to_device(batch, device)
         alpha = task.alpha(config, epoch, step, iterations)
-        with autocast_context(device, bf16):
-            terms = task.train_step(model, batch, alpha, device)
-        loss = sum(terms.values())
-        guard.observe(step, loss, terms)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if max_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        optimizer.step()
+        try:
+            with autocast_context(device, bf16):
+                terms = task.train_step(model, batch, alpha, device)
+            loss = sum(terms.values())
+            guard.observe(step, loss, terms)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            optimizer.step()
+        except Exception as error:
+            # NaN weights make later ops fail (e.g. sampling from NaN weights): report the cause.
+            if not isinstance(error, NonFiniteLossError):
+                guard.check(epoch, cause=error)
+            raise
         logger.update(lr=optimizer.param_groups[0]["lr"], **{name: value.detach() for name, value in terms.items()})
         due = warmup_step_due(epoch, step, warmup_epochs)
         if due is not None:
@@ -226,7 +233,7 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
         if task.scheduler_step_at == "epoch_end":
             scheduler.step(epoch + warmup_epochs + 1)
         utils.barrier()
-    if task.checkpoint_policy == "best" and not evaluate_only and utils.is_main_process():
+    if task.checkpoint_policy == "best" and task.log_best_epoch and not evaluate_only and utils.is_main_process():
         utils.append_log_line(log_path, f"best epoch: {best_epoch}")
     elapsed = str(datetime.timedelta(seconds=int(time.time() - start_time)))
     print(f"{'evaluation' if evaluate_only else 'training'} time {elapsed}; log: {os.path.abspath(log_path)}")

@@ -75,6 +75,12 @@ def _drop_bert_infix(state: dict) -> dict:
 _LAYER = re.compile(r"^(text_encoder(?:_m)?)\.(bert\.)?encoder\.layer\.(\d+)\.(.*)$")
 
 
+def _model_fusion_layer(model: nn.Module, default: int) -> int:
+    """The target model's first fusion layer (tiny configs use 3, not 6); ``default`` if unknown."""
+    config = getattr(getattr(model, "text_encoder", None), "config", None)
+    return getattr(config, "fusion_layer", default)
+
+
 def _vqa_decoder_remap(state: dict, fusion_layer: int) -> dict:
     """Encoder keeps all layers without 'bert.'; the 6-layer decoder gets fusion layers 6-11 (as 0-5),
     the embeddings and the MLM head, keeping 'bert.' (pipeline.md §2.10 VQA row)."""
@@ -138,10 +144,10 @@ def adapt_state_dict(task: str, state: dict, model: nn.Module, *, training: bool
         return _drop_bert_infix(state) if training else state
     if task == "vqa":
         _interpolate(state, model, both if (training and distill) else online)
-        return _vqa_decoder_remap(state, fusion_layer) if training else state
+        return _vqa_decoder_remap(state, _model_fusion_layer(model, fusion_layer)) if training else state
     if task == "nlvr_pretrain":
         _interpolate(state, model, online)
-        return _nlvr_duplicate_fusion(state, fusion_layer)
+        return _nlvr_duplicate_fusion(state, _model_fusion_layer(model, fusion_layer))
     _interpolate(state, model, online)  # nlvr: the TA checkpoint already has the 18-layer names
     return state
 

@@ -28,7 +28,7 @@ class MissingEmbeddings(LookupError):
 
 @dataclass
 class AssignStats:
-    """What happened to the records: assigned, or lacking an image embedding (and so dropped/kept/erroring)."""
+    """Counts of records given concepts and of records whose image has no embedding."""
 
     records: int
     assigned: int

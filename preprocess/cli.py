@@ -62,7 +62,8 @@ def filter_main(argv: Optional[List[str]], kind: str, description: str) -> int:
 
     p = argparse.ArgumentParser(description=description)
     p.add_argument('--data_json', required=True, help='annotation file: records with image, caption')
-    p.add_argument('--caption_emb', default=None, help='caption embeddings (save_caption_embeddings.py)')
+    p.add_argument('--caption_emb', default=None,
+                   help='caption embeddings (save_caption_embeddings.py)')
     p.add_argument('--image_emb', default=None, help='image embeddings (save_image_embeddings.py)')
     add_output_args(p, 'filtered annotation JSON (records carry "sim")')
     p.add_argument('--per', type=float, default=None, help='fraction to keep, e.g. 0.7')

@@ -18,9 +18,8 @@ import json
 import logging
 import os
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +38,10 @@ TINY_CLIP_CFG: Dict[str, Any] = {
 }
 
 _log = logging.getLogger(__name__)
+
+
+class ClipWeightsUnavailable(LookupError):
+    """Pretrained weights could not be fetched (offline, no cache); the message says what to pass."""
 
 
 def _is_torchscript(path: str) -> bool:
@@ -153,7 +156,7 @@ def load_clip(model_name: str = DEFAULT_MODEL, pretrained: Optional[str] = DEFAU
                                            force_quick_gelu=quick, cache_dir=cache_dir)
         except RuntimeError as e:
             if pretrained and not is_file:
-                raise RuntimeError(
+                raise ClipWeightsUnavailable(
                     f"could not load CLIP {model_name!r} with pretrained tag {pretrained!r} ({e}). "
                     "Run once with network access to cache the weights, or pass a local weight "
                     "file (e.g. OpenAI's ViT-B-16.pt) with --clip_pretrained PATH") from e
@@ -200,7 +203,3 @@ def clip_from_args(args: Any) -> ClipEncoder:
     return load_clip(args.clip_model, args.clip_pretrained, args.device, args.precision,
                      args.cache_dir)
 
-
-def batched(items: Sequence[Any], size: int) -> List[Sequence[Any]]:
-    """Consecutive slices of at most `size` items."""
-    return [items[i:i + size] for i in range(0, len(items), size)]

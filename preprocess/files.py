@@ -28,7 +28,7 @@ def refuse_existing(paths: Iterable[PathLike], overwrite: bool) -> None:
 
 
 def temp_path_beside(path: Path, suffix: str) -> str:
-    """Create an empty temporary file in `path`'s directory (same file system, so os.replace is atomic)."""
+    """An empty temporary file beside `path` (same file system, so os.replace is atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=suffix, dir=path.parent)
     os.close(fd)

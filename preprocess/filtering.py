@@ -117,7 +117,7 @@ def filter_percentage(records: Sequence[dict], sims: np.ndarray, per: float) -> 
 
 
 def filter_per_image(records: Sequence[dict], sims: np.ndarray, per: float) -> List[dict]:
-    """Per image (first-appearance order): its scored records by `sim` descending, floor(per * n) kept."""
+    """Per image (first-appearance order): its records by `sim` descending, floor(per * n) kept."""
     _check_per(per)
     groups: Dict[str, List[int]] = {}
     for i, record in enumerate(records):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import re
-from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -98,12 +97,20 @@ def _load_tagger_dir(directory: Path) -> Any:
     return tagger
 
 
-def tokenize(text: str) -> List[List[str]]:
-    """Sentences of Treebank-style tokens ("man 's", "does n't"), as the tagger was trained on."""
-    from nltk.tokenize import NLTKWordTokenizer
+_WORDS = None
 
-    words = NLTKWordTokenizer()
-    return [words.tokenize(s) for s in _SENTENCE_END.split(text.strip()) if s]
+
+def tokenize(text: str) -> List[List[str]]:
+    """Sentences of Treebank-style tokens ("man 's", "does n't"), as the tagger was trained on.
+
+    Rule-based (NLTK's Treebank word tokenizer, sentences split after . ! ?): needs no data.
+    """
+    global _WORDS
+    if _WORDS is None:
+        from nltk.tokenize import NLTKWordTokenizer
+
+        _WORDS = NLTKWordTokenizer()
+    return [_WORDS.tokenize(s) for s in _SENTENCE_END.split(text.strip()) if s]
 
 
 def _is_phrasal_preposition(words: Sequence[str], start: int, end: int) -> bool:
@@ -181,7 +188,7 @@ def _init_worker(tagger: Any) -> None:
 
 
 def _count_batch(texts: List[Text], tagger: Any = None) -> Tuple[Dict[str, int], int]:
-    """Occurrences of each concept in `texts` (first-occurrence order) and the number of records skipped."""
+    """Occurrences of each concept in `texts` (first-occurrence order) and records skipped."""
     tagger = tagger if tagger is not None else _WORKER_TAGGER
     occurrences: Dict[str, int] = {}
     skipped = 0
@@ -269,7 +276,3 @@ def build_vocabulary(occurrences: Dict[str, int], thresh: int = 0,
         return ranked[:max_num_keys]
     return [k for k in ranked if counts[k] > thresh]
 
-
-def most_common(occurrences: Dict[str, int], n: int = 10) -> List[Tuple[str, int]]:
-    """The `n` most frequent concepts (for a summary line)."""
-    return Counter(occurrences).most_common(n)

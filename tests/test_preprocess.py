@@ -287,6 +287,15 @@ def test_image_embeddings(stores, data, clip_name):
     assert sorted(nlvr.keys) == [f'imgs/img{i}.jpg' for i in range(6)]
 
 
+def test_image_file_locations():
+    from preprocess.encode import image_file
+
+    assert image_file('/data/u/data/coco/train2014/x.jpg', data_dir='/d') == '/d/coco/train2014/x.jpg'
+    assert image_file('train2014/x.jpg', image_root='/coco') == '/coco/train2014/x.jpg'
+    assert image_file('2248275918', image_root='/snli/images', ext='.jpg') == '/snli/images/2248275918.jpg'
+    assert image_file('/abs/x.jpg') == '/abs/x.jpg'
+
+
 def test_image_embeddings_resume_after_interruption(data, clip_name, tmp_path, monkeypatch):
     args = ['--data_json', data['pretrain_missing'], '--data_dir', data['root'], '--clip_model',
             clip_name, *CLIP, '--num_workers', '0', '--batch_size', '2', '--shard_size', '3']

@@ -45,6 +45,8 @@ class Task:
     meter_window: int = 50
     # Checkpoint file written every epoch ('checkpoint_last.pth') or on a new best ('checkpoint_best.pth').
     checkpoint_policy: str = "last"
+    # With the 'best' policy, end log.txt with "best epoch: N" (Retrieval, VE, NLVR; not Grounding).
+    log_best_epoch: bool = True
     # DDP option: True where some parameters get no gradient in a step (Pretrain_nlvr).
     find_unused_parameters: bool = False
 

@@ -1,0 +1,51 @@
+"""Shared fixtures: generated data in the real formats and a tiny pretraining checkpoint.
+
+Both are built once per test session (a few seconds), so the task tests can fine-tune from a real
+checkpoint written by our own Pretrain.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+DEMO_SIZES = dict(num_pretrain=256, num_retrieval=96, num_vqa=96, num_ve=96, num_nlvr=96, num_grounding=96,
+                  num_eval=24)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> str:
+    """A small generated data set (``tools/make_demo_data.py`` layout); returns its folder."""
+    from dataset.synthetic import generate
+
+    out = str(tmp_path_factory.mktemp("demo_data"))
+    generate(out, seed=0, image_size=64, **DEMO_SIZES)
+    return out
+
+
+def demo_flags(data: str, json_subdir: str, output_dir: str, config: str) -> list[str]:
+    """Common flags of a script run on the generated data, on CPU, without workers."""
+    return ["--config", config, "--output_dir", output_dir, "--data_dir", data,
+            "--data_json_dir", os.path.join(data, json_subdir), "--text_encoder", os.path.join(data, "tokenizer"),
+            "--device", "cpu", "--override", "num_workers=0", "print_freq=1000"]
+
+
+@pytest.fixture(scope="session")
+def pretrain_checkpoint(demo_data, tmp_path_factory) -> str:
+    """checkpoint_last.pth of a 2-epoch tiny pretraining run on the generated data."""
+    import Pretrain
+
+    out = str(tmp_path_factory.mktemp("pretrain"))
+    flags = demo_flags(demo_data, "json_pretrain", out, os.path.join(REPO, "configs/demo/Pretrain.yaml"))
+    Pretrain.main(flags + ["schedular.epochs=2", "save_step=0"])
+    return os.path.join(out, "checkpoint_last.pth")
