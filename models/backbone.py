@@ -149,14 +149,20 @@ class MomentumMixin:
         self.copy_params()
 
     def _pair_parameters(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        online, twins = [], []
-        for name, name_m in self.model_pairs:
-            online.extend(getattr(self, name).parameters())
-            twins.extend(getattr(self, name_m).parameters())
-        return online, twins
+        """Online and twin parameters in matching order (cached: built once per model)."""
+        cached = self.__dict__.get("_pair_parameter_cache")
+        if cached is None:
+            online, twins = [], []
+            for name, name_m in self.model_pairs:
+                online.extend(getattr(self, name).parameters())
+                twins.extend(getattr(self, name_m).parameters())
+            cached = (online, twins)
+            self.__dict__["_pair_parameter_cache"] = cached
+        return cached
 
     @torch.no_grad()
     def copy_params(self) -> None:
+        self.__dict__.pop("_pair_parameter_cache", None)  # sub-modules may have been re-tied since
         online, twins = self._pair_parameters()
         for param, param_m in zip(online, twins):
             param_m.data.copy_(param.data)
@@ -164,9 +170,9 @@ class MomentumMixin:
 
     @torch.no_grad()
     def _momentum_update(self) -> None:
+        """One fused pass: p_m <- p_m + (1 - m) * (p - p_m) = m * p_m + (1 - m) * p."""
         online, twins = self._pair_parameters()
-        torch._foreach_mul_(twins, self.momentum)
-        torch._foreach_add_(twins, online, alpha=1.0 - self.momentum)
+        torch._foreach_lerp_(twins, online, 1.0 - self.momentum)
 
 
 class QueueMixin:
@@ -217,7 +223,7 @@ class AlignmentMixin:
             targets = torch.zeros(batch, bank_size, device=device)
             targets.fill_diagonal_(1)
             return targets
-        bank_idx = torch.cat([idx.view(1, -1), self.idx_queue.clone()], dim=1)  # (1, B+Q)
+        bank_idx = torch.cat([idx.view(1, -1), self.idx_queue], dim=1)  # (1, B+Q); cat copies the queue
         same = (idx.view(-1, 1) == bank_idx).float()
         return same / same.sum(dim=1, keepdim=True)
 
@@ -227,17 +233,22 @@ class AlignmentMixin:
 
         Returns (loss, sim_i2t, sim_t2i); the similarities feed the hard-negative sampling.
         """
-        with torch.no_grad():
-            image_bank = torch.cat([image_feat_m.t(), self.image_queue.clone()], dim=1)  # (E, B+Q)
-            text_bank = torch.cat([text_feat_m.t(), self.text_queue.clone()], dim=1)
-            hard = self.positive_targets(image_feat.shape[0], image_bank.shape[1], image_feat.device, idx)
-            if distill:
-                targets_i2t = losses.distilled_targets(image_feat_m @ text_bank / self.temp, hard, alpha)
-                targets_t2i = losses.distilled_targets(text_feat_m @ image_bank / self.temp, hard, alpha)
-            else:
-                targets_i2t = targets_t2i = hard
-        sim_i2t = image_feat @ text_bank / self.temp
-        sim_t2i = text_feat @ image_bank / self.temp
+        # The (E, B+Q) banks and the similarities stay in fp32 also under autocast: the logits reach
+        # 1/temp and the queue would otherwise be re-cast to bf16 in every product.
+        with torch.autocast(device_type=image_feat.device.type, enabled=False):
+            image_feat, text_feat = image_feat.float(), text_feat.float()
+            with torch.no_grad():
+                image_feat_m, text_feat_m = image_feat_m.float(), text_feat_m.float()
+                image_bank = torch.cat([image_feat_m.t(), self.image_queue], dim=1)  # (E, B+Q); cat copies
+                text_bank = torch.cat([text_feat_m.t(), self.text_queue], dim=1)
+                hard = self.positive_targets(image_feat.shape[0], image_bank.shape[1], image_feat.device, idx)
+                if distill:
+                    targets_i2t = losses.distilled_targets(image_feat_m @ text_bank / self.temp, hard, alpha)
+                    targets_t2i = losses.distilled_targets(text_feat_m @ image_bank / self.temp, hard, alpha)
+                else:
+                    targets_i2t = targets_t2i = hard
+            sim_i2t = image_feat @ text_bank / self.temp
+            sim_t2i = text_feat @ image_bank / self.temp
         loss = losses.contrastive_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
         return loss, sim_i2t, sim_t2i
 
@@ -271,8 +282,9 @@ class AlignmentMixin:
         if image_mask is not None:
             image_masks = torch.cat([image_mask, image_mask[negative_images], image_mask], dim=0)
         logits = self.itm_head(self.fusion(texts, masks, images, image_masks))  # (3B, 2)
-        labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])
-        return F.cross_entropy(logits.float(), labels.to(logits.device))
+        labels = torch.zeros(3 * batch, dtype=torch.long, device=logits.device)
+        labels[:batch] = 1  # positives first
+        return F.cross_entropy(logits.float(), labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,9 +324,12 @@ class ViCHABase(nn.Module):
         self.kw_proj = nn.Linear(bert_config.hidden_size, self.config["vision_width"])
 
     def set_fused_attention(self, fused: bool) -> None:
+        """Fused SDPA (default) or explicit attention in every attention module (ViT, MAE decoder, BERT)."""
         for module in self.modules():
-            if hasattr(module, "set_fused_attention") and module is not self:
-                module.set_fused_attention(fused)
+            if hasattr(module, "fused_attn"):  # timm attention (ViT and MAE decoder blocks)
+                module.fused_attn = fused
+            elif hasattr(module, "save_attention"):  # our BERT attention
+                module.fused = fused
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         for module in self.modules():

@@ -1,0 +1,316 @@
+"""Throughput of one ViCHA pretraining step on random data: forward (ITC + H-ITC + ITM + MLM + MAE),
+backward, AdamW, momentum update and queue write, exactly as engine/trainer.py runs them.
+
+    python bench/bench_pretrain.py --tiny --device cpu --steps 5 --warmup 2
+    python bench/bench_pretrain.py --device cuda --precision bf16 --batch_size 32 --steps 30
+    python bench/bench_pretrain.py --device cuda --precision bf16 --compile blocks --batch_size 64
+
+The model is ViCHAPretrain (``models.MODEL_BUILDERS['pretrain']``) at the size of ``--config``
+(default: the paper's configs/Pretrain.yaml; ``--tiny``: configs/demo/Pretrain.yaml) with random
+weights; the batch is random images, captions of ``--text_length`` tokens and ``--vc_length`` visual
+concept tokens, built once on the device (the loader is benchmarked by bench_data.py). Prints one
+JSON line: samples/s, ms per step, peak memory (CUDA: max allocated over the timed steps; CPU:
+the process's peak RSS), the mean of every loss over the timed steps, and the settings used.
+With ``--sync_debug`` (CUDA) one extra step runs under ``torch.cuda.set_sync_debug_mode('warn')``
+and the JSON lists the synchronising calls it made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from anywhere, as a script
+
+from dataset.synthetic import vocabulary  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from engine.trainer import autocast_context, configure_runtime  # noqa: E402
+from models import MODEL_BUILDERS  # noqa: E402
+from models.tokenization import TokenBatch, ViCHATokenizer, build_tokenizer  # noqa: E402
+from optim import create_optimizer  # noqa: E402
+
+PAPER_CONFIG = "configs/Pretrain.yaml"
+TINY_CONFIG = "configs/demo/Pretrain.yaml"
+COMPILE_MODES = ("none", "blocks", "model")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=None, help=f"pretraining YAML (default {PAPER_CONFIG})")
+    p.add_argument("--tiny", action="store_true", help=f"use {TINY_CONFIG} (the 64-wide test model)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                   help="fp32: no TF32; tf32: TF32 matmuls/convolutions (CUDA); bf16: bf16 autocast "
+                        "(+ TF32 on CUDA for what autocast keeps in fp32)")
+    p.add_argument("--batch_size", type=int, default=None, help="default: the config's batch_size")
+    p.add_argument("--queue_size", type=int, default=None, help="default: the config's queue_size")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (kernels, allocator, compile)")
+    p.add_argument("--compile", default="none", choices=COMPILE_MODES,
+                   help="torch.compile: 'blocks' = every ViT block and BERT layer, 'model' = the whole forward")
+    p.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--fused_attention", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--text_length", type=int, default=25, help="caption tokens ([CLS] + 24 pieces, as the original)")
+    p.add_argument("--vc_length", type=int, default=55, help="visual-concept tokens per image")
+    p.add_argument("--alpha", type=float, default=0.4, help="distillation weight (the value after epoch 0)")
+    p.add_argument("--sync_debug", action=argparse.BooleanOptionalAction, default=False,
+                   help="CUDA: list the host-device synchronisations of one step")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch default)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.tiny and args.config:
+        p.error("give --config or --tiny, not both")
+    args.config = args.config or (TINY_CONFIG if args.tiny else PAPER_CONFIG)
+    return args
+
+
+def _repo_path(path: str) -> str:
+    """``path`` as given if it exists, else relative to the repository root."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    return str(REPO / path)
+
+
+def set_precision(precision: str, device: torch.device) -> bool:
+    """Apply the matmul/convolution precision; returns whether to autocast to bf16."""
+    if device.type == "cuda":
+        allow_tf32 = precision in ("tf32", "bf16")
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+    elif precision == "tf32":
+        raise ValueError("--precision tf32 needs a CUDA device; use fp32 or bf16 on CPU")
+    return precision == "bf16"
+
+
+def build_special_tokenizer(vocab_size: int, workdir: str) -> ViCHATokenizer:
+    """A tokenizer whose vocabulary size matches the model: bert-base-uncased (bundled) for 30522,
+    else the generated demo vocabulary (only the special ids and the size are used)."""
+    if vocab_size == 30522:
+        return build_tokenizer("bert-base-uncased")
+    vocab = vocabulary()
+    if len(vocab) != vocab_size:
+        raise ValueError(f"bert_config vocab_size {vocab_size} matches neither bert-base-uncased (30522) "
+                         f"nor the generated demo vocabulary ({len(vocab)})")
+    folder = os.path.join(workdir, "tokenizer")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(vocab) + "\n")
+    return build_tokenizer(folder)
+
+
+def random_tokens(batch: int, length: int, min_length: int, tokenizer: ViCHATokenizer,
+                  generator: torch.Generator) -> TokenBatch:
+    """``[CLS]`` + random ordinary ids, random real lengths in [min_length, length], padded to ``length``."""
+    specials = [tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id,
+                tokenizer.unk_token_id]
+    ids = torch.randint(max(specials) + 1, len(tokenizer), (batch, length), generator=generator)
+    ids[:, 0] = tokenizer.cls_token_id
+    lengths = torch.randint(min(min_length, length), length + 1, (batch,), generator=generator)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, tokenizer.pad_token_id))
+    return TokenBatch(ids, mask)
+
+
+def random_batch(batch: int, image_res: int, text_length: int, vc_length: int, tokenizer: ViCHATokenizer,
+                 device: torch.device, seed: int) -> tuple[torch.Tensor, TokenBatch, TokenBatch]:
+    """(images, captions, VCs) on ``device``; images are N(0, 1), i.e. already normalised."""
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch, 3, image_res, image_res, generator=generator)
+    caption = random_tokens(batch, text_length, min(8, text_length), tokenizer, generator)
+    vc = random_tokens(batch, vc_length, vc_length // 2, tokenizer, generator)
+    return image.to(device), caption.to(device), vc.to(device)
+
+
+def apply_compile(model: nn.Module, mode: str) -> nn.Module:
+    """``blocks``: compile each ViT block and BERT layer in place (parameter names unchanged);
+    ``model``: compile the whole module's forward. Returns the module to call."""
+    if mode == "none":
+        return model
+    import torch._dynamo
+
+    # One compiled graph per (layer kind, shapes); the default limit of 8 is too low for 7 encoders.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if mode == "model":
+        model.compile()
+        return model
+    from timm.models.vision_transformer import Block
+    from models.xbert import BertLayer
+
+    for module in model.modules():
+        if isinstance(module, (Block, BertLayer)):
+            module.compile()
+    return model
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+               batch: tuple[torch.Tensor, TokenBatch, TokenBatch], alpha: float, bf16: bool,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """One step in the trainer's order (engine/trainer.py train_one_epoch); returns detached loss terms."""
+    image, caption, vc = batch
+    with autocast_context(device, bf16):
+        terms = model(image, (caption, vc), alpha=alpha)
+    loss = sum(terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {name: value.detach() for name, value in terms.items()}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_syncs(step: Callable[[], object], device: torch.device) -> dict:
+    """Run ``step()`` once with CUDA's sync debug mode and list where it synchronised."""
+    if device.type != "cuda":
+        return {"host_syncs_per_step": None, "sync_sites": {}}
+    _synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites: dict[str, int] = {}
+    for warning in caught:
+        if "synchroniz" in str(warning.message).lower():
+            path = warning.filename
+            if path.startswith(str(REPO)):
+                path = os.path.relpath(path, REPO)
+            site = f"{path}:{warning.lineno}"
+            sites[site] = sites.get(site, 0) + 1
+    return {"host_syncs_per_step": sum(sites.values()), "sync_sites": sites}
+
+
+def peak_memory_gib(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_process_max_rss"
+
+
+def model_summary(config: dict, model: nn.Module) -> dict:
+    bert = model.text_encoder.config
+    return {
+        "image_res": config["image_res"], "patch_size": config.get("patch_size", 16),
+        "vision_width": config["vision_width"], "vision_depth": config.get("vision_depth", 12),
+        "bert_hidden": bert.hidden_size, "bert_layers": bert.num_hidden_layers, "fusion_layer": bert.fusion_layer,
+        "vocab_size": bert.vocab_size, "hierarchical": model.hierarchical, "mae": model.use_mae,
+        "trainable_params_m": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2),
+        "total_params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Build, warm up, time; returns the JSON record."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    bf16 = set_precision(args.precision, device)
+    config = dict(load_config(_repo_path(args.config)), init_bert=False, init_deit=False)
+    config["bert_config"] = _repo_path(config["bert_config"])
+    config["batch_size"] = args.batch_size or config["batch_size"]
+    config["queue_size"] = args.queue_size or config["queue_size"]
+    config["grad_checkpointing"] = args.grad_checkpointing
+    config["fused_attention"] = args.fused_attention
+    batch_size = config["batch_size"]
+    if config["queue_size"] % batch_size:
+        raise ValueError(f"queue_size {config['queue_size']} is not a multiple of the batch size {batch_size}; "
+                         "pass --queue_size")
+    record = {
+        "bench": "pretrain_step", "config": args.config, "device": args.device,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": args.precision,
+        "batch_size": batch_size, "queue_size": config["queue_size"], "text_length": args.text_length,
+        "vc_length": args.vc_length, "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
+        "fused_attention": args.fused_attention, "steps": args.steps, "warmup": args.warmup,
+    }
+
+    torch.manual_seed(args.seed)
+    with tempfile.TemporaryDirectory() as workdir:
+        vocab_size = json.loads(Path(config["bert_config"]).read_text())["vocab_size"]
+        tokenizer = build_special_tokenizer(vocab_size, workdir)
+    build_start = time.perf_counter()
+    with torch.device(device):  # initialise on the device: minutes faster for the paper model on CUDA
+        model = MODEL_BUILDERS["pretrain"](config, text_encoder=None, tokenizer=tokenizer)
+    model.to(device)
+    configure_runtime(model, config)
+    model.train()
+    optimizer = create_optimizer(config["optimizer"], model)  # fused AdamW when the model is on CUDA
+    record["optimizer_kernel"] = "fused" if optimizer.defaults.get("fused") else "foreach"
+    record.update(model_summary(config, model))
+    record["build_seconds"] = round(time.perf_counter() - build_start, 2)
+    batch = random_batch(batch_size, config["image_res"], args.text_length, args.vc_length, tokenizer, device,
+                         args.seed)
+    model = apply_compile(model, args.compile)
+
+    def step() -> dict[str, torch.Tensor]:
+        return train_step(model, optimizer, batch, args.alpha, bf16, device)
+
+    warm_start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    _synchronize(device)
+    record["warmup_seconds"] = round(time.perf_counter() - warm_start, 2)
+    if args.sync_debug:
+        record.update(count_syncs(step, device))
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    history: list[torch.Tensor] = []
+    names: list[str] = []
+    _synchronize(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for index in range(args.steps):
+        terms = step()
+        names = list(terms)
+        history.append(torch.stack([value.float() for value in terms.values()]))  # read once at the end
+        if (index + 1) % max(1, args.steps // 4) == 0:
+            print(f"step {index + 1}/{args.steps}", file=sys.stderr, flush=True)
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
+    memory, memory_kind = peak_memory_gib(device)
+    means = torch.stack(history).mean(dim=0).tolist() if history else []
+    record.update({
+        "seconds": round(seconds, 3),
+        "process_cpu_seconds": round(cpu_seconds, 3),  # on a shared CPU: compare with seconds x threads
+        "ms_per_step": round(1000 * seconds / max(1, args.steps), 2),
+        "samples_per_s": round(batch_size * args.steps / seconds, 2) if seconds > 0 else None,
+        "peak_memory_gib": round(memory, 3), "memory_kind": memory_kind,
+        "losses": {name: round(value, 5) for name, value in zip(names, means)},
+    })
+    return record
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    try:
+        record = run(args)
+    except Exception as error:
+        if args.compile == "none":
+            raise
+        # A compile failure is a result to report, not a crash of the benchmark suite.
+        record = {"bench": "pretrain_step", "config": args.config, "device": args.device, "compile": args.compile,
+                  "precision": args.precision, "error": f"{type(error).__name__}: {str(error)[:800]}"}
+        traceback.print_exc(file=sys.stderr)
+    print(json.dumps(record), flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    sys.exit(1 if "error" in main() else 0)

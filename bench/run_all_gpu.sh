@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Run every benchmark on one CUDA GPU in under 8 minutes (see docs/benchmarks.md).
+#
+#     bash bench/run_all_gpu.sh                 # results in ./bench_results.jsonl
+#     OUT=/tmp/results bash bench/run_all_gpu.sh
+#
+# Each part runs under its own `timeout`, capped by what is left of the suite budget
+# (BENCH_TOTAL_S, default 465 s), and appends one JSON line to $OUT/bench_results.jsonl (or
+# ./bench_results.jsonl) tagged with "part" and the exit code "rc"; a part that fails or times out
+# still gets a line, with "error" and the tail of its stderr. Full logs: bench_logs/<part>.{out,err}.
+# BENCH_COMPILE=1 adds a torch.compile run of the pretraining step with whatever budget is left.
+# PYTHON picks the interpreter (default: python).
+set -u
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python}
+RESULTS_DIR=${OUT:-.}
+RESULTS="$RESULTS_DIR/bench_results.jsonl"
+LOGS="$RESULTS_DIR/bench_logs"
+TOTAL=${BENCH_TOTAL_S:-465}
+START=$(date +%s)
+mkdir -p "$LOGS"
+
+# record PART RC LIMIT: append the part's last JSON line (or an error line) to the results file.
+record() {
+  "$PY" - "$1" "$2" "$3" "$LOGS/$1.out" "$LOGS/$1.err" >> "$RESULTS" <<'EOF'
+import json, sys
+part, rc, limit, out, err = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+lines = [l for l in open(out, errors="replace") if l.startswith("{")]
+record = json.loads(lines[-1]) if lines else {}
+if not lines or rc != 0:
+    reason = f"timeout after {limit} s" if rc in (124, 137) else f"exit code {rc}"
+    record.setdefault("error", reason)
+    record["stderr_tail"] = open(err, errors="replace").read()[-1500:]
+print(json.dumps({"part": part, "rc": rc, **record}))
+EOF
+}
+
+# run_part PART TIMEOUT_S COMMAND...: run one benchmark under its timeout and the remaining budget.
+run_part() {
+  local part=$1 limit=$2
+  shift 2
+  local left=$(( TOTAL - ($(date +%s) - START) ))
+  if (( left < 20 )); then
+    echo "{\"part\": \"$part\", \"error\": \"skipped: suite budget of ${TOTAL} s spent\"}" >> "$RESULTS"
+    return
+  fi
+  (( limit > left )) && limit=$left
+  echo "== $part (timeout ${limit} s): $*" >&2
+  timeout --kill-after=5 "$limit" "$@" > "$LOGS/$part.out" 2> "$LOGS/$part.err"
+  record "$part" "$?" "$limit"
+  tail -n 1 "$RESULTS" >&2
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&2 || true
+
+# Pretraining step at the paper size (image 256, batch 32, queue 65536, 55 VC tokens).
+run_part pretrain_bf16 140 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --steps 30 --warmup 5 \
+  --sync_debug
+run_part pretrain_fp32 80 "$PY" bench/bench_pretrain.py --device cuda --precision fp32 --steps 10 --warmup 3
+
+# Retrieval evaluation at the COCO config (image 380, k_test 256): batched vs per-query ITM scoring.
+if [[ -f bench/bench_retrieval_eval.py ]]; then
+  run_part retrieval_eval 150 "$PY" bench/bench_retrieval_eval.py --config configs/Retrieval_coco.yaml \
+    --device cuda --bf16 --num_images 128 --k_test 256
+else
+  echo "bench/bench_retrieval_eval.py is missing: retrieval benchmark skipped" >&2
+  echo '{"part": "retrieval_eval", "error": "bench/bench_retrieval_eval.py is missing"}' >> "$RESULTS"
+fi
+
+# Data pipeline: decode + RandomResizedCrop + flip + RandAugment at 256 px, per core and with 8 workers.
+run_part data 50 "$PY" bench/bench_data.py --num_images 64 --iterations 300 --num_workers 8 --loader_batches 10
+
+# Visual-concept top-k assignment (preprocessing).
+run_part vc_topk 40 "$PY" bench/bench_vc_topk.py --device cuda
+
+if [[ "${BENCH_COMPILE:-0}" == 1 ]]; then
+  run_part pretrain_bf16_compile 300 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --compile blocks \
+    --steps 20 --warmup 5
+fi
+
+echo "results: $RESULTS ($(( $(date +%s) - START )) s)" >&2

@@ -1,0 +1,263 @@
+"""The speed paths compute what the plain ones compute (issue 6).
+
+Fused (SDPA) vs explicit attention on the whole tiny pretraining model, a bf16-autocast training
+step vs the fp32 step, the foreach momentum update vs the original per-parameter formula, the
+in-place queue write vs the original slice assignment, and fused vs foreach vs for-loop AdamW.
+The retrieval batched-vs-per-query check lives in test_retrieval.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import REPO
+from dataset.synthetic import vocabulary
+from engine.config import load_config
+from engine.trainer import autocast_context
+from models import MODEL_BUILDERS
+from models.backbone import QueueMixin
+from models.tokenization import build_tokenizer
+from optim import create_optimizer
+
+CAPTIONS = ["a small red circle on the left", "a large blue square",
+            "there is a green star in the middle of the picture", "a white cross"]
+CONCEPTS = ["red circle small left", "blue square", "green star middle picture shape", "white cross"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these tiny models gain nothing from more, and on a shared CPU
+    spinning thread pools make them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """The generated demo vocabulary (no data generation needed)."""
+    folder = tmp_path_factory.mktemp("vocab")
+    (folder / "vocab.txt").write_text("\n".join(vocabulary()) + "\n")
+    return build_tokenizer(str(folder))
+
+
+def tiny_config(**overrides) -> dict:
+    config = load_config(os.path.join(REPO, "configs/demo/Pretrain.yaml"))
+    config["bert_config"] = os.path.join(REPO, config["bert_config"])
+    config.update(overrides)
+    return config
+
+
+def tiny_model(tokenizer, **overrides) -> nn.Module:
+    torch.manual_seed(0)
+    return MODEL_BUILDERS["pretrain"](tiny_config(**overrides), text_encoder=None, tokenizer=tokenizer)
+
+
+def make_batch(tokenizer):
+    """Captions and VC strings of different lengths, so padding masks matter."""
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn(len(CAPTIONS), 3, 64, 64, generator=generator)
+    return image, tokenizer(CAPTIONS, max_length=25), tokenizer(CONCEPTS, max_length=55)
+
+
+def dropout_off(model: nn.Module) -> None:
+    """Keep train mode (checkpointing, MAE masking) but make every dropout the identity."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def count_sdpa_calls(monkeypatch) -> list[int]:
+    """Count calls of F.scaled_dot_product_attention (used by our BERT and by timm's blocks)."""
+    calls = [0]
+    original = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    return calls
+
+
+# --- fused vs explicit attention -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask_vc_padding", [False, True], ids=["faithful", "masked_vc_padding"])
+def test_fused_and_explicit_attention_give_the_same_losses_and_gradients(tokenizer, monkeypatch, mask_vc_padding):
+    fused = tiny_model(tokenizer, mask_vc_padding=mask_vc_padding)
+    fused.eval()  # no dropout: the two paths draw the same masks and negatives from the same seed
+    explicit = copy.deepcopy(fused)
+    explicit.set_fused_attention(False)
+    for block in explicit.decoder_blocks:  # the MAE decoder is not reached by set_fused_attention
+        block.attn.fused_attn = False
+    image, caption, vc = make_batch(tokenizer)
+    calls = count_sdpa_calls(monkeypatch)
+    results = []
+    for model in (fused, explicit):
+        calls[0] = 0
+        torch.manual_seed(7)
+        terms = model(image, (caption, vc), alpha=0.4)
+        sum(terms.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((terms, grads, calls[0]))
+    (terms_f, grads_f, calls_f), (terms_e, grads_e, calls_e) = results
+    assert calls_f > 0 and calls_e == 0  # each model really ran its own path
+    for name in terms_f:
+        torch.testing.assert_close(terms_e[name], terms_f[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert grads_f.keys() == grads_e.keys() and len(grads_f) > 100
+    for name, grad in grads_f.items():
+        torch.testing.assert_close(grads_e[name], grad, atol=5e-5, rtol=1e-3, msg=name)
+
+
+def test_fused_and_explicit_attention_agree_on_each_encoder(tokenizer):
+    model = tiny_model(tokenizer, mask_vc_padding=True).eval()
+    image, caption, vc = make_batch(tokenizer)
+    outputs = []
+    with torch.no_grad():
+        for fused in (True, False):
+            model.set_fused_attention(fused)
+            image_embeds, image_mask = model.encode_image(image, vc)
+            text = model.text_encoder.bert(caption.input_ids, caption.attention_mask, mode="text").last_hidden_state
+            fused_cls = model.fusion(text, caption.attention_mask, image_embeds, image_mask)
+            outputs.append((image_embeds, text, fused_cls))
+    for name, a, b in zip(("vit", "text", "fusion"), outputs[0], outputs[1]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)
+    assert all(not block.attn.fused_attn for block in model.visual_encoder.blocks)
+
+
+# --- bf16 autocast step vs fp32 step -------------------------------------------------------------
+
+
+def _train_steps(model: nn.Module, batch, bf16: bool, steps: int = 2) -> tuple[list[dict], list[torch.Tensor]]:
+    """``steps`` trainer-ordered steps; returns each step's losses and the first step's gradients."""
+    config = tiny_config()
+    optimizer = create_optimizer(config["optimizer"], model)
+    image, caption, vc = batch
+    history, first_grads = [], []
+    for step in range(steps):
+        torch.manual_seed(100 + step)
+        with autocast_context(torch.device("cpu"), bf16):
+            terms = model(image, (caption, vc), alpha=0.4)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if step == 0:
+            first_grads = [p.grad.detach().float().flatten() for p in model.parameters() if p.grad is not None]
+        optimizer.step()
+        history.append({name: float(value.detach()) for name, value in terms.items()})
+    return history, first_grads
+
+
+def test_bf16_training_step_is_close_to_the_fp32_step(tokenizer):
+    reference = tiny_model(tokenizer)
+    dropout_off(reference)
+    low = copy.deepcopy(reference)
+    batch = make_batch(tokenizer)
+    fp32_losses, fp32_grads = _train_steps(reference, batch, bf16=False)
+    bf16_losses, bf16_grads = _train_steps(low, batch, bf16=True)
+    for step, (a, b) in enumerate(zip(fp32_losses, bf16_losses)):
+        assert a.keys() == b.keys() == {"loss_mlm", "loss_ita", "loss_itm", "loss_mae"}
+        for name in a:
+            assert abs(a[name] - b[name]) <= 0.01 * abs(a[name]) + 0.005, (step, name, a[name], b[name])
+    cosine = F.cosine_similarity(torch.cat(fp32_grads), torch.cat(bf16_grads), dim=0)
+    assert cosine > 0.99, float(cosine)
+    moved = [(p - q).abs().max() for p, q in zip(reference.parameters(), low.parameters())]
+    assert max(moved) > 0  # the two runs really differ (bf16 was applied), yet stay close above
+
+
+# --- momentum update -----------------------------------------------------------------------------
+
+
+def test_foreach_momentum_update_equals_the_per_parameter_formula(tokenizer):
+    model = tiny_model(tokenizer)
+    model.momentum = 0.9
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param))
+    twins = {name_m for _, name_m in model.model_pairs}
+    assert twins == {name for name, _ in model.named_children() if name.endswith("_m")}
+    expected = copy.deepcopy(model)
+    with torch.no_grad():  # the original's loop: param_m = param_m * m + param * (1 - m)
+        for name, name_m in expected.model_pairs:
+            for param, param_m in zip(getattr(expected, name).parameters(), getattr(expected, name_m).parameters()):
+                param_m.data = param_m.data * expected.momentum + param.data * (1.0 - expected.momentum)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model._momentum_update()
+    after, reference = model.state_dict(), expected.state_dict()
+    changed = set()
+    for key, value in after.items():
+        torch.testing.assert_close(value, reference[key], atol=1e-6, rtol=1e-6, msg=key)
+        if not torch.equal(value, before[key]):
+            changed.add(key)
+    twin_parameters = {f"{name_m}.{name}" for name_m in twins
+                       for name, _ in getattr(model, name_m).named_parameters(remove_duplicate=False)}
+    assert changed == twin_parameters  # every twin parameter moved, nothing else did
+
+
+# --- queue write ---------------------------------------------------------------------------------
+
+
+class _Queues(nn.Module, QueueMixin):
+    def __init__(self, dim: int, size: int) -> None:
+        super().__init__()
+        self.create_queues(dim, size, with_idx=True)
+
+
+@pytest.mark.parametrize("batch,dtype", [(4, torch.float32), (8, torch.bfloat16)])
+def test_in_place_queue_write_equals_slice_assignment(batch, dtype):
+    torch.manual_seed(0)
+    queues = _Queues(dim=6, size=24)
+    image_ref, text_ref, idx_ref = queues.image_queue.clone(), queues.text_queue.clone(), queues.idx_queue.clone()
+    ptr = 0
+    for _ in range(24 // batch + 2):  # wraps around the end once
+        image = F.normalize(torch.randn(batch, 6), dim=1).to(dtype)
+        text = F.normalize(torch.randn(batch, 6), dim=1).to(dtype)
+        idx = torch.randint(0, 1000, (batch,))
+        queues._dequeue_and_enqueue(image, text, idx)
+        # the original: queue[:, ptr:ptr + B] = feats.T; ptr = (ptr + B) % Q  (Q a multiple of B)
+        image_ref[:, ptr:ptr + batch] = image.t().float()
+        text_ref[:, ptr:ptr + batch] = text.t().float()
+        idx_ref[:, ptr:ptr + batch] = idx.view(1, -1)
+        ptr = (ptr + batch) % 24
+        assert int(queues.queue_ptr) == ptr
+    assert queues.image_queue.dtype == torch.float32
+    assert torch.equal(queues.image_queue, image_ref)
+    assert torch.equal(queues.text_queue, text_ref)
+    assert torch.equal(queues.idx_queue, idx_ref)
+
+
+def test_queue_refuses_a_batch_that_does_not_divide_it():
+    queues = _Queues(dim=6, size=24)
+    with pytest.raises(ValueError, match="multiple"):
+        queues._dequeue_and_enqueue(torch.randn(5, 6), torch.randn(5, 6), torch.arange(5))
+
+
+# --- optimizer kernels ---------------------------------------------------------------------------
+
+
+def test_fused_foreach_and_loop_adamw_give_the_same_weights(tokenizer):
+    base = tiny_model(tokenizer)
+    finals = []
+    for fused in (True, None, False):  # fused kernel, automatic (foreach on CPU), plain loop
+        model = copy.deepcopy(base)
+        optimizer = create_optimizer({"opt": "adamW", "lr": 1e-3, "weight_decay": 0.02, "fused": fused}, model)
+        assert bool(optimizer.defaults.get("fused")) == bool(fused)
+        generator = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.grad = torch.randn(param.shape, generator=generator)
+            optimizer.step()
+        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(finals[0], torch.cat([p.detach().flatten() for p in base.parameters()]))
+    torch.testing.assert_close(finals[1], finals[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(finals[2], finals[0], atol=1e-6, rtol=1e-5)
