@@ -210,6 +210,21 @@ class AlignmentMixin:
     Needs ``temp``, ``itm_head``, the queues, and a text encoder whose BERT part runs 'fusion'.
     """
 
+    def build_alignment_towers(self, config: dict, bert_config: BertConfig, text_kind: str, weights: Optional[str],
+                               init_deit: bool, return_hidden_state: bool = False) -> None:
+        """Encoders, VC path, ITC projections, ``temp``, ``itm_head`` and their momentum twins, in the
+        original's order (pretraining: ``text_kind='mlm'``; retrieval/grounding: ``'model'``)."""
+        embed_dim, vision_width = config["embed_dim"], config["vision_width"]
+        self.visual_encoder = build_visual_encoder(config, return_hidden_state=return_hidden_state)
+        maybe_load_deit(self.visual_encoder, config, default=init_deit)
+        self.text_encoder = build_text_encoder(bert_config, text_kind, weights, config.get("init_bert", True))
+        self.build_vc_path(bert_config, weights)
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(bert_config.hidden_size, embed_dim)
+        self.temp = nn.Parameter(torch.ones([]) * config["temp"])
+        self.itm_head = nn.Linear(bert_config.hidden_size, 2)
+        self.create_momentum_twins(["visual_encoder", "vision_proj", "text_encoder", "text_proj", "kw_encoder", "kw_proj"])
+
     @property
     def text_bert(self) -> nn.Module:
         """The BertModel of ``text_encoder`` (``text_encoder.bert`` for the MLM variant)."""

@@ -10,7 +10,7 @@ from torch import nn
 from timm.models.vision_transformer import Block
 
 from models import losses
-from models.backbone import AlignmentMixin, MomentumMixin, QueueMixin, ViCHABase, build_text_encoder, build_visual_encoder, maybe_load_deit
+from models.backbone import AlignmentMixin, MomentumMixin, QueueMixin, ViCHABase
 from models.pos_embed import get_2d_sincos_pos_embed
 from models.tokenization import TokenBatch
 from utils import concat_all_gather, get_rank
@@ -29,16 +29,9 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
         self.vocab_size = bert_config.vocab_size
         self.hierarchical = bool(config.get("return_hidden_state", False))
 
-        self.visual_encoder = build_visual_encoder(config, return_hidden_state=self.hierarchical)
-        maybe_load_deit(self.visual_encoder, config, default=init_deit)
-        self.text_encoder = build_text_encoder(bert_config, "mlm", text_encoder, config.get("init_bert", True))
-        self.build_vc_path(bert_config, text_encoder)
+        self.build_alignment_towers(config, bert_config, "mlm", text_encoder, init_deit,
+                                    return_hidden_state=self.hierarchical)
         text_width = bert_config.hidden_size
-        self.vision_proj = nn.Linear(vision_width, embed_dim)
-        self.text_proj = nn.Linear(text_width, embed_dim)
-        self.temp = nn.Parameter(torch.ones([]) * config["temp"])
-        self.itm_head = nn.Linear(text_width, 2)
-        self.create_momentum_twins(["visual_encoder", "vision_proj", "text_encoder", "text_proj", "kw_encoder", "kw_proj"])
 
         if self.hierarchical:
             self.num_hidden_align = config.get("num_hidden_align", 5)

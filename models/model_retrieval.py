@@ -12,9 +12,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from models.backbone import AlignmentMixin, MomentumMixin, QueueMixin, ViCHABase, build_text_encoder, build_visual_encoder, maybe_load_deit
+from models.backbone import AlignmentMixin, MomentumMixin, QueueMixin, ViCHABase
 from models.tokenization import TokenBatch
 
 
@@ -30,23 +29,13 @@ class ViCHARetrieval(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
                  init_deit: bool = False) -> None:
         super().__init__(config, tokenizer)
         bert_config = self.build_bert_config(tokenizer)
-        embed_dim, vision_width = config["embed_dim"], config["vision_width"]
         self.distill = bool(config["distill"])
         self.momentum = config["momentum"]
 
-        self.visual_encoder = build_visual_encoder(config)
-        maybe_load_deit(self.visual_encoder, config, default=init_deit)
-        self.text_encoder = build_text_encoder(bert_config, "model", text_encoder, config.get("init_bert", True))
-        self.build_vc_path(bert_config, text_encoder)
-        text_width = bert_config.hidden_size
-        self.vision_proj = nn.Linear(vision_width, embed_dim)
-        self.text_proj = nn.Linear(text_width, embed_dim)
-        # No clamp during fine-tuning (models.md §8.1-7): the value comes from the pretraining checkpoint.
-        self.temp = nn.Parameter(torch.ones([]) * config["temp"])
-        self.itm_head = nn.Linear(text_width, 2)
-        # The momentum encoders fill the ITC banks, so they exist even with distill off (as upstream).
-        self.create_momentum_twins(["visual_encoder", "vision_proj", "text_encoder", "text_proj", "kw_encoder", "kw_proj"])
-        self.create_queues(embed_dim, config["queue_size"], with_idx=True)
+        # No temp clamp during fine-tuning (models.md §8.1-7). The momentum encoders fill the ITC banks,
+        # so they exist even with distill off (as upstream).
+        self.build_alignment_towers(config, bert_config, "model", text_encoder, init_deit)
+        self.create_queues(config["embed_dim"], config["queue_size"], with_idx=True)
 
     # ------------------------------------------------------------------------------------------
     def image_features(self, image_embeds: torch.Tensor, momentum: bool = False) -> torch.Tensor:
