@@ -51,3 +51,21 @@ def pretrain_checkpoint(demo_data, tmp_path_factory) -> str:
     flags = demo_flags(demo_data, "json_pretrain", out, os.path.join(REPO, "configs/demo/Pretrain.yaml"))
     Pretrain.main(flags + ["schedular.epochs=2", "save_step=0"])
     return os.path.join(out, "checkpoint_last.pth")
+
+
+def demo_config(name: str, **overrides) -> dict:
+    """``configs/demo/<name>.yaml`` with its BERT config path made absolute and ``overrides`` applied."""
+    from engine.config import load_config
+
+    config = load_config(os.path.join(REPO, "configs", "demo", f"{name}.yaml"))
+    config["bert_config"] = os.path.join(REPO, config["bert_config"])
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="session")
+def tokenizer(demo_data):
+    """The generated data's WordPiece tokenizer (189 tokens)."""
+    from models.tokenization import build_tokenizer
+
+    return build_tokenizer(os.path.join(demo_data, "tokenizer"))

@@ -10,38 +10,20 @@ import pickle
 import pytest
 import torch
 
-from conftest import REPO, demo_flags
+from conftest import REPO, demo_config, demo_flags
 from engine.config import load_config
 from engine.tasks.grounding import (RefReader, box_scores, candidate_box_chance, compute_iou, gradcam_maps,
                                     grounding_eval, select_box, upsample_heatmap)
 from models import MODEL_BUILDERS
 from models.checkpoint import adapt_state_dict, load_checkpoint, load_state_dict_checked
-from models.tokenization import build_tokenizer
 from tools.state_dict_keys import state_dict_shapes
 
 DATA = os.path.join(REPO, "tests", "data")
 DEMO_CONFIG = os.path.join(REPO, "configs/demo/Grounding.yaml")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models run faster on one thread, and much faster when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(**overrides) -> dict:
-    config = load_config(DEMO_CONFIG)
-    config["bert_config"] = os.path.join(REPO, config["bert_config"])
-    config.update(overrides)
-    return config
-
-
-@pytest.fixture(scope="module")
-def tokenizer(demo_data):
-    return build_tokenizer(os.path.join(demo_data, "tokenizer"))
+    return demo_config("Grounding", **overrides)
 
 
 # --- keys and remap -----------------------------------------------------------------------------

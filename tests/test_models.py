@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, demo_config
 from engine.config import load_config
 from models import MODEL_BUILDERS
 from models.backbone import load_pretrained_bert
@@ -21,14 +21,7 @@ from tools.state_dict_keys import state_dict_shapes
 
 
 def tiny_pretrain_config() -> dict:
-    config = load_config(os.path.join(REPO, "configs/demo/Pretrain.yaml"))
-    config["bert_config"] = os.path.join(REPO, config["bert_config"])
-    return config
-
-
-@pytest.fixture(scope="module")
-def tokenizer(demo_data):
-    return build_tokenizer(os.path.join(demo_data, "tokenizer"))
+    return demo_config("Pretrain")
 
 
 @pytest.fixture()

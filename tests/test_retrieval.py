@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, demo_flags
+from conftest import REPO, demo_config, demo_flags
 from dataset import create_dataset, resolve_paths
 from engine.config import load_config
 from engine.retrieval_eval import (FILL_SCORE, EvalImageCollate, RetrievalFeatures, Shortlists, compute_features,
@@ -23,15 +23,6 @@ from tools.state_dict_keys import state_dict_shapes
 
 DATA = os.path.join(REPO, "tests", "data")
 DEMO_CONFIG = os.path.join(REPO, "configs/demo/Retrieval.yaml")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models run faster on one thread, and much faster when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def reference(name: str) -> dict:
@@ -55,15 +46,7 @@ def expected_unexpected(pretrain_keys) -> set[str]:
 
 
 def tiny_config(**overrides) -> dict:
-    config = load_config(DEMO_CONFIG)
-    config["bert_config"] = os.path.join(REPO, config["bert_config"])
-    config.update(overrides)
-    return config
-
-
-@pytest.fixture(scope="module")
-def tokenizer(demo_data):
-    return build_tokenizer(os.path.join(demo_data, "tokenizer"))
+    return demo_config("Retrieval", **overrides)
 
 
 @pytest.fixture()

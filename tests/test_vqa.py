@@ -11,13 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, demo_flags
+from conftest import REPO, demo_config, demo_flags
 from engine.config import load_config
 from engine.tasks.vqa import merge_predictions, score_predictions
 from engine.vqa_metric import best_achievable_accuracy, normalize_answer, question_accuracy, vqa_accuracy
 from models.checkpoint import adapt_state_dict, load_checkpoint, read_checkpoint
 from models.model_vqa import ViCHAVQA
-from models.tokenization import build_tokenizer
 
 DATA = os.path.join(REPO, "tests", "data")
 DEMO_CONFIG = os.path.join(REPO, "configs", "demo", "VQA.yaml")
@@ -29,15 +28,7 @@ def _json(name: str):
 
 
 def tiny_config(**changes) -> dict:
-    config = load_config(DEMO_CONFIG)
-    config["bert_config"] = os.path.join(REPO, config["bert_config"])
-    config.update(changes)
-    return config
-
-
-@pytest.fixture(scope="module")
-def tokenizer(demo_data):
-    return build_tokenizer(os.path.join(demo_data, "tokenizer"))
+    return demo_config("VQA", **changes)
 
 
 def tiny_model(tokenizer, **changes) -> ViCHAVQA:
