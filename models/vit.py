@@ -174,6 +174,9 @@ def load_deit_weights(vit: VisionTransformer, source: str = DEIT_BASE_URL) -> No
         state = state.get("model", state)
     elif os.path.exists(source):
         state = read_state_dict_file(source)
+    elif os.sep in source or source.endswith((".pth", ".pt", ".bin", ".safetensors")):
+        raise FileNotFoundError(f"DeiT weights {source!r} not found (deit_checkpoint: a URL, a local file or a "
+                                "timm model name; the demo makes its file with tools/make_tiny_init.py)")
     else:
         import timm
 

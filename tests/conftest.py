@@ -36,29 +36,51 @@ def demo_data(tmp_path_factory) -> str:
 
 
 def demo_flags(data: str, json_subdir: str, output_dir: str, config: str) -> list[str]:
-    """Common flags of a script run on the generated data, on CPU, without workers."""
+    """Common flags of a script run on the generated data, on CPU, without workers, from random weights."""
     return ["--config", config, "--output_dir", output_dir, "--data_dir", data,
             "--data_json_dir", os.path.join(data, json_subdir), "--text_encoder", os.path.join(data, "tokenizer"),
-            "--device", "cpu", "--override", "num_workers=0", "print_freq=1000"]
+            "--device", "cpu", "--override", "num_workers=0", "print_freq=1000",
+            # random starting weights unless a test asks for the tiny init (later overrides win)
+            "init_deit=false", "init_bert=false"]
+
+
+TINY_INIT_STEPS = 400
 
 
 @pytest.fixture(scope="session")
-def pretrain_checkpoint(demo_data, tmp_path_factory) -> str:
-    """checkpoint_last.pth of a 2-epoch tiny pretraining run on the generated data."""
+def tiny_init(demo_data, tmp_path_factory) -> dict:
+    """Starting weights of the demo (tools/make_tiny_init.py) on the generated corpus: {'dir', 'result'}."""
+    from tools.make_tiny_init import train_tiny_towers
+
+    out = str(tmp_path_factory.mktemp("tiny_init"))
+    result = train_tiny_towers(os.path.join(REPO, "configs/demo/Pretrain.yaml"), demo_data, out,
+                               os.path.join(demo_data, "tokenizer"), steps=TINY_INIT_STEPS, batch_size=32,
+                               log_every=100)
+    return {"dir": out, "result": result}
+
+
+@pytest.fixture(scope="session")
+def pretrain_checkpoint(demo_data, tiny_init, tmp_path_factory) -> str:
+    """checkpoint_last.pth of a 5-epoch tiny pretraining run on the generated data, from the tiny init."""
     import Pretrain
 
     out = str(tmp_path_factory.mktemp("pretrain"))
     flags = demo_flags(demo_data, "json_pretrain", out, os.path.join(REPO, "configs/demo/Pretrain.yaml"))
-    Pretrain.main(flags + ["schedular.epochs=2", "save_step=0"])
+    flags[flags.index("--text_encoder") + 1] = os.path.join(tiny_init["dir"], "bert")
+    deit = os.path.join(tiny_init["dir"], "vit.pth")
+    Pretrain.main(flags + ["schedular.epochs=5", "save_step=0", "init_deit=true", "init_bert=true",
+                           f"deit_checkpoint={deit}"])
     return os.path.join(out, "checkpoint_last.pth")
 
 
 def demo_config(name: str, **overrides) -> dict:
-    """``configs/demo/<name>.yaml`` with its BERT config path made absolute and ``overrides`` applied."""
+    """``configs/demo/<name>.yaml`` with its BERT config path made absolute, random starting weights and
+    ``overrides`` applied."""
     from engine.config import load_config
 
     config = load_config(os.path.join(REPO, "configs", "demo", f"{name}.yaml"))
     config["bert_config"] = os.path.join(REPO, config["bert_config"])
+    config.update(init_deit=False, init_bert=False)  # random weights: nothing to read
     config.update(overrides)
     return config
 

@@ -31,6 +31,7 @@ def _build(tokenizer_dir: str, fix_offset: bool):
 
     config = load_config(os.path.join(REPO, "configs/demo/Pretrain.yaml"))
     config["bert_config"] = os.path.join(REPO, config["bert_config"])
+    config["init_deit"] = False  # random weights: nothing to read
     config["queue_size"] = 16
     config["fix_hitc_rank_offset"] = fix_offset
     tokenizer = build_tokenizer(tokenizer_dir)

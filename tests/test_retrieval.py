@@ -4,6 +4,7 @@ batched vs per-query evaluation, recall metrics, and Retrieval.py end to end on 
 from __future__ import annotations
 
 import json
+import math
 import os
 import types
 
@@ -284,7 +285,7 @@ def test_itm_eval_on_a_hand_made_ranking():
 
 # --- Retrieval.py end to end --------------------------------------------------------------------
 
-FINETUNE_EPOCHS = 2
+FINETUNE_EPOCHS = 4
 METRICS = ["txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean"]
 
 
@@ -306,12 +307,28 @@ def read_log(out: str) -> tuple[list[dict], str]:
     return [json.loads(line) for line in lines[:-1]], lines[-1]
 
 
-def test_finetuning_logs_and_keeps_the_best_epoch(finetuned):
-    """Log format of Retrieval.py, best-epoch selection on val r_mean and consistent recall values.
+def chance_r_mean(num_images: int, captions_per_image: int) -> float:
+    """Expected r_mean of a random ranking: i2t hits if any of the image's captions is in the top k."""
+    texts = num_images * captions_per_image
+    txt = [100 * (1 - math.comb(texts - captions_per_image, k) / math.comb(texts, k)) for k in (1, 5, 10)]
+    img = [100 * k / num_images for k in (1, 5, 10)]
+    return (sum(txt) / 3 + sum(img) / 3) / 2
 
-    (The tiny 2-epoch pretraining checkpoint has collapsed features; a 2-epoch fine-tune from it does
-    not lift recall above chance, so learning is not asserted here.)
-    """
+
+def test_finetuning_learns_above_chance(finetuned, demo_data):
+    """From the tiny pretraining checkpoint, 4 short epochs lift val r_mean well above a random ranking
+    (measured 32.1 against 21.1; the demo-size run in run_demo.sh goes much further)."""
+    out, _ = finetuned
+    records, _ = read_log(out)
+    with open(os.path.join(demo_data, "json", "retrieval_val.json")) as handle:
+        val = json.load(handle)
+    chance = chance_r_mean(len(val), len(val[0]["caption"]))
+    assert 20 < chance < 22
+    assert max(r["val_r_mean"] for r in records) > 1.3 * chance, (records, chance)
+
+
+def test_finetuning_logs_and_keeps_the_best_epoch(finetuned):
+    """Log format of Retrieval.py, best-epoch selection on val r_mean and consistent recall values."""
     out, record = finetuned
     records, last_line = read_log(out)
     keys = ["train_lr", "train_loss_itm", "train_loss_ita"] + [f"{s}_{m}" for s in ("val", "test") for m in METRICS]

@@ -1,0 +1,156 @@
+"""Starting weights for the tiny demo model: a small "DeiT" and "BERT", trained CLIP-style.
+
+Real ViCHA pretraining starts from DeiT-B/16 and bert-base-uncased, whose [CLS] features already
+differ between inputs. A randomly initialised tiny model does not have that: its [CLS] features are
+nearly identical, and ITC against the detached momentum bank has almost no gradient there, so the
+demo never learns image-text alignment (docs/DESIGN.md). This tool gives the demo what the real run
+gets from its initial weights: it trains the two unimodal towers of the tiny model (the ViT and the
+text layers of the BERT) with an in-batch image-text contrastive loss on the demo's *pretraining*
+corpus only, then writes them in the formats the real loaders read:
+
+  <out>/vit.pth        {'model': ViT state_dict} in DeiT/timm names  -> config `deit_checkpoint`
+  <out>/bert/          config.json, pytorch_model.bin, vocab.txt     -> `--text_encoder` (init_bert)
+
+Example: python tools/make_tiny_init.py --data_dir data/demo --out data/demo/init
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import utils  # noqa: E402
+from dataset.pretrain_dataset import PretrainDataset  # noqa: E402
+from dataset.transforms import build_transform  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from engine.tasks.base import TextSpec, TokenizingCollate  # noqa: E402
+from models.backbone import build_text_encoder, build_visual_encoder, load_bert_config  # noqa: E402
+from models.tokenization import build_tokenizer  # noqa: E402
+
+CAPTION = TextSpec(max_length=25)
+
+
+class TinyTowers(nn.Module):
+    """ViT + BERT text layers + linear projections, scored by a learnable logit scale (CLIP)."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        bert_config = load_bert_config(config, encoder_width=config["vision_width"])
+        self.visual_encoder = build_visual_encoder(config)
+        self.text_encoder = build_text_encoder(bert_config, "mlm", None, init_bert=False)
+        self.vision_proj = nn.Linear(config["vision_width"], config["embed_dim"])
+        self.text_proj = nn.Linear(bert_config.hidden_size, config["embed_dim"])
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, image: torch.Tensor, caption) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric in-batch contrastive loss and the (B, B) image-to-text logits."""
+        image_feat = F.normalize(self.vision_proj(self.visual_encoder(image)[:, 0]), dim=-1)
+        text = self.text_encoder.bert(caption.input_ids, caption.attention_mask, mode="text").last_hidden_state
+        text_feat = F.normalize(self.text_proj(text[:, 0]), dim=-1)
+        logits = self.logit_scale.exp().clamp(max=100.0) * image_feat @ text_feat.t()
+        labels = torch.arange(len(logits), device=logits.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        return loss, logits
+
+
+def train_tiny_towers(config_path: str, data_dir: str, out_dir: str, tokenizer_dir: str, steps: int = 500,
+                      batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log_every: int = 50) -> dict:
+    """Train the towers on ``config['train_file']`` (under ``data_dir``) and write them to ``out_dir``.
+
+    Returns {'loss': final-window mean loss, 'accuracy': final-window in-batch i2t accuracy, ...}.
+    """
+    config = load_config(config_path)
+    train_files = [os.path.join(data_dir, "json_pretrain", os.path.basename(f)) if not os.path.isabs(f) else f
+                   for f in config["train_file"]]
+    for path in train_files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"pretraining annotations {path} not found (run tools/make_demo_data.py first)")
+    utils.seed_everything(seed)
+    tokenizer = build_tokenizer(tokenizer_dir)
+    # No augmentation: the towers only need distinct, meaningful [CLS] features, quickly.
+    dataset = PretrainDataset(train_files, build_transform("test", config["image_res"]), data_dir,
+                              sep_token=config.get("sep_token", True))
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                         generator=generator, num_workers=0,
+                                         collate_fn=TokenizingCollate(tokenizer, 1, (CAPTION, TextSpec(None))))
+    model = TinyTowers(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.02)
+    warmup = max(1, steps // 15)
+    step, window, start = 0, [], time.time()
+    model.train()
+    while step < steps:
+        for image, (caption, _vc) in loader:
+            scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr * scale
+            loss, logits = model(image, caption)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"tiny-init loss is {loss.item()} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            accuracy = (logits.argmax(1) == torch.arange(len(logits))).float().mean().item()
+            window = (window + [(loss.item(), accuracy)])[-log_every:]
+            step += 1
+            if step % log_every == 0 or step == steps:
+                mean_loss = sum(w[0] for w in window) / len(window)
+                mean_acc = sum(w[1] for w in window) / len(window)
+                print(f"[tiny init] step {step}/{steps}  loss {mean_loss:.3f}  in-batch i2t acc {mean_acc:.3f} "
+                      f"(chance {1 / batch_size:.3f})  {time.time() - start:.0f}s", flush=True)
+            if step >= steps:
+                break
+    write_towers(model, config, tokenizer_dir, out_dir)
+    return {"loss": mean_loss, "accuracy": mean_acc, "chance": 1 / batch_size, "steps": steps,
+            "seconds": time.time() - start}
+
+
+def write_towers(model: TinyTowers, config: dict, tokenizer_dir: str, out_dir: str) -> None:
+    """``vit.pth`` (DeiT layout) and a BERT folder that ``--text_encoder`` and the tokenizer accept."""
+    bert_dir = os.path.join(out_dir, "bert")
+    os.makedirs(bert_dir, exist_ok=True)
+    utils.atomic_save({"model": model.visual_encoder.state_dict()}, os.path.join(out_dir, "vit.pth"))
+    utils.atomic_save(model.text_encoder.state_dict(), os.path.join(bert_dir, "pytorch_model.bin"))
+    with open(config["bert_config"], encoding="utf-8") as handle:
+        bert_json = json.load(handle)
+    with open(os.path.join(bert_dir, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(bert_json, handle, indent=2)
+    shutil.copyfile(os.path.join(tokenizer_dir, "vocab.txt"), os.path.join(bert_dir, "vocab.txt"))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", required=True, help="the demo data folder (tools/make_demo_data.py --out)")
+    parser.add_argument("--out", required=True, help="output folder for vit.pth and bert/")
+    parser.add_argument("--config", default="configs/demo/Pretrain.yaml", help="model sizes and train_file")
+    parser.add_argument("--tokenizer", default=None, help="vocabulary folder (default: <data_dir>/tokenizer)")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    tokenizer_dir = args.tokenizer or os.path.join(args.data_dir, "tokenizer")
+    result = train_tiny_towers(args.config, args.data_dir, args.out, tokenizer_dir, steps=args.steps,
+                               batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    print(f"[tiny init] wrote {args.out}/vit.pth and {args.out}/bert/ ({json.dumps(result)})")
+    return result
+
+
+if __name__ == "__main__":
+    main()
