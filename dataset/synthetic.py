@@ -540,6 +540,8 @@ Use `--data_dir {out}` with
   - Grounding: `train_file: [refcoco+_train.json]`, `test_file: [refcoco+_val.json, refcoco+_test.json]`,
     `det_file: refcoco+/dets.json`, `coco_file: refcoco+/cocos.json`, `image_root: images/refcoco`
 - tokenizer: `{out}/tokenizer` (vocab.txt, {vocab_size} entries, uncased WordPiece)
+- starting weights for pretraining (tiny DeiT/BERT stand-ins): `python tools/make_tiny_init.py --data_dir {out}
+  --out {out}/init`, then `--text_encoder {out}/init/bert` and `deit_checkpoint: {out}/init/vit.pth`
 """
 
 
