@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import REPO, demo_config
+from conftest import demo_config
 from models import MODEL_BUILDERS
 
 
@@ -39,3 +39,14 @@ def test_missing_deit_file_is_named(tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere/vit.pth"):
         MODEL_BUILDERS["pretrain"](demo_config("Pretrain", init_deit=True, deit_checkpoint=missing),
                                    text_encoder=None, tokenizer=tokenizer)
+
+
+def test_collate_leaves_fields_without_spec_as_strings(tokenizer):
+    from engine.tasks.base import TextSpec, TokenizingCollate
+
+    collate = TokenizingCollate(tokenizer, 1, (TextSpec(max_length=25), None))
+    samples = [(torch.zeros(3), ("a red circle", "red circle")), (torch.ones(3), ("a blue star", "blue"))]
+    images, (caption, vc) = collate(samples)
+    assert images.shape == (2, 3)
+    assert caption.input_ids.shape[0] == 2 and caption.input_ids[0, 0] == tokenizer.cls_token_id
+    assert vc == ("red circle", "blue")

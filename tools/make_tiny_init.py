@@ -32,14 +32,15 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import utils  # noqa: E402
+from dataset import resolve_paths  # noqa: E402
 from dataset.pretrain_dataset import PretrainDataset  # noqa: E402
 from dataset.transforms import build_transform  # noqa: E402
 from engine.config import load_config  # noqa: E402
-from engine.tasks.base import TextSpec, TokenizingCollate  # noqa: E402
+from engine.tasks.base import TokenizingCollate  # noqa: E402
+from engine.tasks.pretrain import CAPTION  # noqa: E402
+from models import losses  # noqa: E402
 from models.backbone import build_text_encoder, build_visual_encoder, load_bert_config  # noqa: E402
 from models.tokenization import build_tokenizer  # noqa: E402
-
-CAPTION = TextSpec(max_length=25)
 
 
 class TinyTowers(nn.Module):
@@ -60,20 +61,21 @@ class TinyTowers(nn.Module):
         text = self.text_encoder.bert(caption.input_ids, caption.attention_mask, mode="text").last_hidden_state
         text_feat = F.normalize(self.text_proj(text[:, 0]), dim=-1)
         logits = self.logit_scale.exp().clamp(max=100.0) * image_feat @ text_feat.t()
-        labels = torch.arange(len(logits), device=logits.device)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-        return loss, logits
+        targets = torch.eye(len(logits), device=logits.device)  # the ITC loss with in-batch positives only
+        return losses.contrastive_loss(logits, logits.t(), targets, targets), logits
 
 
 def train_tiny_towers(config_path: str, data_dir: str, out_dir: str, tokenizer_dir: str, steps: int = 500,
-                      batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log_every: int = 50) -> dict:
-    """Train the towers on ``config['train_file']`` (under ``data_dir``) and write them to ``out_dir``.
+                      batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log_every: int = 50,
+                      data_json_dir: str | None = None) -> dict:
+    """Train the towers on ``config['train_file']`` (relative to ``data_json_dir``, default
+    ``<data_dir>/json_pretrain``, as Pretrain.py) and write them to ``out_dir``.
 
     Returns {'loss': final-window mean loss, 'accuracy': final-window in-batch i2t accuracy, ...}.
     """
-    config = load_config(config_path)
-    train_files = [os.path.join(data_dir, "json_pretrain", os.path.basename(f)) if not os.path.isabs(f) else f
-                   for f in config["train_file"]]
+    config = resolve_paths("Pretrain", load_config(config_path), data_dir,
+                           data_json_dir or os.path.join(data_dir, "json_pretrain"))
+    train_files = config["train_file"]
     for path in train_files:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"pretraining annotations {path} not found (run tools/make_demo_data.py first)")
@@ -85,7 +87,7 @@ def train_tiny_towers(config_path: str, data_dir: str, out_dir: str, tokenizer_d
     generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                                          generator=generator, num_workers=0,
-                                         collate_fn=TokenizingCollate(tokenizer, 1, (CAPTION, TextSpec(None))))
+                                         collate_fn=TokenizingCollate(tokenizer, 1, (CAPTION, None)))  # VCs unused
     model = TinyTowers(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.02)
     warmup = max(1, steps // 15)
@@ -97,17 +99,17 @@ def train_tiny_towers(config_path: str, data_dir: str, out_dir: str, tokenizer_d
             for group in optimizer.param_groups:
                 group["lr"] = lr * scale
             loss, logits = model(image, caption)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"tiny-init loss is {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            accuracy = (logits.argmax(1) == torch.arange(len(logits))).float().mean().item()
-            window = (window + [(loss.item(), accuracy)])[-log_every:]
+            accuracy = (logits.argmax(1) == torch.arange(len(logits), device=logits.device)).float().mean()
+            window.append(torch.stack([loss.detach(), accuracy]))  # read back only when logging
             step += 1
             if step % log_every == 0 or step == steps:
-                mean_loss = sum(w[0] for w in window) / len(window)
-                mean_acc = sum(w[1] for w in window) / len(window)
+                mean_loss, mean_acc = torch.stack(window[-log_every:]).mean(0).tolist()
+                window = []
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"tiny-init loss is {mean_loss} in steps {step - log_every + 1}-{step}")
                 print(f"[tiny init] step {step}/{steps}  loss {mean_loss:.3f}  in-batch i2t acc {mean_acc:.3f} "
                       f"(chance {1 / batch_size:.3f})  {time.time() - start:.0f}s", flush=True)
             if step >= steps:
@@ -123,10 +125,7 @@ def write_towers(model: TinyTowers, config: dict, tokenizer_dir: str, out_dir: s
     os.makedirs(bert_dir, exist_ok=True)
     utils.atomic_save({"model": model.visual_encoder.state_dict()}, os.path.join(out_dir, "vit.pth"))
     utils.atomic_save(model.text_encoder.state_dict(), os.path.join(bert_dir, "pytorch_model.bin"))
-    with open(config["bert_config"], encoding="utf-8") as handle:
-        bert_json = json.load(handle)
-    with open(os.path.join(bert_dir, "config.json"), "w", encoding="utf-8") as handle:
-        json.dump(bert_json, handle, indent=2)
+    shutil.copyfile(config["bert_config"], os.path.join(bert_dir, "config.json"))
     shutil.copyfile(os.path.join(tokenizer_dir, "vocab.txt"), os.path.join(bert_dir, "vocab.txt"))
 
 
@@ -134,6 +133,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", required=True, help="the demo data folder (tools/make_demo_data.py --out)")
     parser.add_argument("--out", required=True, help="output folder for vit.pth and bert/")
+    parser.add_argument("--data_json_dir", default=None, help="annotation folder (default: <data_dir>/json_pretrain)")
     parser.add_argument("--config", default="configs/demo/Pretrain.yaml", help="model sizes and train_file")
     parser.add_argument("--tokenizer", default=None, help="vocabulary folder (default: <data_dir>/tokenizer)")
     parser.add_argument("--steps", type=int, default=500)
@@ -147,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     tokenizer_dir = args.tokenizer or os.path.join(args.data_dir, "tokenizer")
     result = train_tiny_towers(args.config, args.data_dir, args.out, tokenizer_dir, steps=args.steps,
-                               batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+                               batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               data_json_dir=args.data_json_dir)
     print(f"[tiny init] wrote {args.out}/vit.pth and {args.out}/bert/ ({json.dumps(result)})")
     return result
 

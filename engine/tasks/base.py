@@ -95,11 +95,12 @@ class Task:
 class TokenizingCollate:
     """Default-collates a batch, then tokenises its text fields (in the loader workers).
 
-    ``text_path`` names where the tuple of strings sits in the collated batch, e.g. (1,) for
-    ``(image, (caption, vc))``; ``specs`` gives one :class:`TextSpec` per string field there.
+    ``text_position`` names where the tuple of strings sits in the collated batch, e.g. 1 for
+    ``(image, (caption, vc))``; ``specs`` gives one :class:`TextSpec` per string field there, or
+    None for a field to leave as strings (not tokenised).
     """
 
-    def __init__(self, tokenizer: ViCHATokenizer, text_position: int, specs: tuple[TextSpec, ...],
+    def __init__(self, tokenizer: ViCHATokenizer, text_position: int, specs: tuple[Optional[TextSpec], ...],
                  base_collate: Callable = default_collate) -> None:
         self.tokenizer = tokenizer
         self.text_position = text_position
@@ -111,7 +112,8 @@ class TokenizingCollate:
         texts = batch[self.text_position]
         if len(texts) != len(self.specs):
             raise ValueError(f"expected {len(self.specs)} text fields, got {len(texts)}")
-        batch[self.text_position] = tuple(spec(self.tokenizer, field) for spec, field in zip(self.specs, texts))
+        batch[self.text_position] = tuple(field if spec is None else spec(self.tokenizer, field)
+                                          for spec, field in zip(self.specs, texts))
         return batch
 
 
