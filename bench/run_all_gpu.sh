@@ -8,7 +8,8 @@
 # (BENCH_TOTAL_S, default 465 s), and appends one JSON line to $OUT/bench_results.jsonl (or
 # ./bench_results.jsonl) tagged with "part" and the exit code "rc"; a part that fails or times out
 # still gets a line, with "error" and the tail of its stderr. Full logs: bench_logs/<part>.{out,err}.
-# BENCH_COMPILE=1 adds a torch.compile run of the pretraining step with whatever budget is left.
+# BENCH_COMPILE=0 skips the torch.compile run of the pretraining step (last, with whatever budget is
+# left); BENCH_E2E=0 skips the one-epoch demo pretraining through the real trainer on CUDA + bf16.
 # PYTHON picks the interpreter (default: python).
 set -u
 cd "$(dirname "$0")/.."
@@ -54,28 +55,38 @@ run_part() {
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&2 || true
 
+# Correctness of the fast paths on the GPU's kernels (fused attention, bf16 step, batched retrieval ranks).
+run_part check_cuda 60 "$PY" bench/check_cuda.py --device cuda
+
 # Pretraining step at the paper size (image 256, batch 32, queue 65536, 55 VC tokens).
-run_part pretrain_bf16 140 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --steps 30 --warmup 5 \
+run_part pretrain_bf16 100 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --steps 30 --warmup 5 \
   --sync_debug
-run_part pretrain_fp32 80 "$PY" bench/bench_pretrain.py --device cuda --precision fp32 --steps 10 --warmup 3
+run_part pretrain_fp32 60 "$PY" bench/bench_pretrain.py --device cuda --precision fp32 --steps 10 --warmup 3
+run_part pretrain_tf32 50 "$PY" bench/bench_pretrain.py --device cuda --precision tf32 --steps 10 --warmup 3
+run_part pretrain_bf16_b64 60 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --batch_size 64 \
+  --steps 15 --warmup 3
 
 # Retrieval evaluation at the COCO config (image 380, k_test 256): batched vs per-query ITM scoring.
-if [[ -f bench/bench_retrieval_eval.py ]]; then
-  run_part retrieval_eval 150 "$PY" bench/bench_retrieval_eval.py --config configs/Retrieval_coco.yaml \
-    --device cuda --bf16 --num_images 128 --k_test 256
-else
-  echo "bench/bench_retrieval_eval.py is missing: retrieval benchmark skipped" >&2
-  echo '{"part": "retrieval_eval", "error": "bench/bench_retrieval_eval.py is missing"}' >> "$RESULTS"
-fi
+run_part retrieval_eval 120 "$PY" bench/bench_retrieval_eval.py --config configs/Retrieval_coco.yaml \
+  --device cuda --bf16 --num_images 128 --k_test 256
 
 # Data pipeline: decode + RandomResizedCrop + flip + RandAugment at 256 px, per core and with 8 workers.
-run_part data 50 "$PY" bench/bench_data.py --num_images 64 --iterations 300 --num_workers 8 --loader_batches 10
+run_part data 40 "$PY" bench/bench_data.py --num_images 64 --iterations 300 --num_workers 8 --loader_batches 10
 
 # Visual-concept top-k assignment (preprocessing).
-run_part vc_topk 40 "$PY" bench/bench_vc_topk.py --device cuda
+run_part vc_topk 30 "$PY" bench/bench_vc_topk.py --device cuda
 
-if [[ "${BENCH_COMPILE:-0}" == 1 ]]; then
-  run_part pretrain_bf16_compile 300 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --compile blocks \
+# The real trainer end to end on CUDA + bf16: one pretraining epoch of the demo (BENCH_E2E=0 skips).
+if [[ "${BENCH_E2E:-1}" == 1 ]]; then
+  run_part e2e_pretrain 75 bash -c "set -e; \"$PY\" tools/make_demo_data.py --out \"$LOGS/demo\" --num_retrieval 20 \
+    --num_vqa 20 --num_ve 20 --num_nlvr 20 --num_grounding 20 --num_eval 10 >&2; \"$PY\" Pretrain.py \
+    --config configs/demo/Pretrain.yaml --output_dir \"$LOGS/demo_out\" --data_dir \"$LOGS/demo\" \
+    --data_json_dir \"$LOGS/demo/json_pretrain\" --text_encoder \"$LOGS/demo/tokenizer\" --device cuda --bf16 \
+    --override schedular.epochs=1 init_deit=false init_bert=false num_workers=4 >&2; tail -n 1 \"$LOGS/demo_out/log.txt\""
+fi
+
+if [[ "${BENCH_COMPILE:-1}" == 1 ]]; then
+  run_part pretrain_bf16_compile 150 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --compile blocks \
     --steps 20 --warmup 5
 fi
 

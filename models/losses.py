@@ -142,21 +142,25 @@ def mask_tokens(
     """BERT masking (models.md §3.6): select with p=0.15 (never [PAD] / [CLS]); 80 % -> [MASK],
     half of the rest -> a random id in [0, vocab) (any id), the remainder unchanged.
 
-    The four draws come from the CPU generator in the original's order. Returns (masked ids, labels).
+    The four draws come from the CPU generator in the original's order (so the masks equal the
+    original's for the same seed). Returns (masked ids, labels).
     """
-    device = input_ids.device
-    ids = input_ids.clone().cpu()
-    labels = ids.clone()
-    selected = torch.bernoulli(torch.full(ids.shape, probability), generator=generator).bool()
-    selected &= ids != pad_token_id
-    selected &= ids != cls_token_id
-    labels[~selected] = IGNORE_INDEX
-    replaced = torch.bernoulli(torch.full(ids.shape, 0.8), generator=generator).bool() & selected
-    ids[replaced] = mask_token_id
-    randomised = torch.bernoulli(torch.full(ids.shape, 0.5), generator=generator).bool() & selected & ~replaced
-    random_ids = torch.randint(vocab_size, ids.shape, dtype=torch.long, generator=generator)
-    ids[randomised] = random_ids[randomised]
-    return ids.to(device), labels.to(device)
+    # Every draw is made on the CPU generator, independently of the ids, and only then moved to the
+    # ids' device (non-blocking): no device-to-host copy of the ids, so no host sync on a GPU.
+    shape, device = input_ids.shape, input_ids.device
+    selected = torch.bernoulli(torch.full(shape, probability), generator=generator).bool()
+    replaced = torch.bernoulli(torch.full(shape, 0.8), generator=generator).bool()
+    randomised = torch.bernoulli(torch.full(shape, 0.5), generator=generator).bool()
+    random_ids = torch.randint(vocab_size, shape, dtype=torch.long, generator=generator)
+    selected, replaced, randomised, random_ids = (
+        t.to(device, non_blocking=True) for t in (selected, replaced, randomised, random_ids))
+    selected &= (input_ids != pad_token_id) & (input_ids != cls_token_id)
+    replaced &= selected
+    randomised &= selected & ~replaced
+    labels = input_ids.masked_fill(~selected, IGNORE_INDEX)
+    ids = torch.where(replaced, torch.full_like(input_ids, mask_token_id), input_ids)
+    ids = torch.where(randomised, random_ids, ids)
+    return ids, labels
 
 
 def sample_negatives(weights: torch.Tensor) -> torch.Tensor:

@@ -102,6 +102,27 @@ def test_mask_tokens_never_masks_cls_or_pad_and_follows_80_10_10():
     assert 0.05 < unchanged.sum() / selected.sum() < 0.16  # 10 % kept + random draws that hit 50
 
 
+def test_mask_tokens_draws_the_originals_masks_for_a_seed():
+    """Same four CPU draws, in the original's order, applied to the ids in place (original's steps)."""
+    ids = torch.randint(5, 100, (8, 25), generator=torch.Generator().manual_seed(3))
+    ids[:, 0], ids[:, 18:] = 2, 0
+    masked, labels = losses.mask_tokens(ids, 100, 4, 0, 2, 0.15, generator=torch.Generator().manual_seed(11))
+
+    generator = torch.Generator().manual_seed(11)
+    expected, expected_labels = ids.clone(), ids.clone()
+    selected = torch.bernoulli(torch.full(ids.shape, 0.15), generator=generator).bool()
+    selected[ids == 0] = False
+    selected[ids == 2] = False
+    expected_labels[~selected] = -100
+    replaced = torch.bernoulli(torch.full(ids.shape, 0.8), generator=generator).bool() & selected
+    expected[replaced] = 4
+    randomised = torch.bernoulli(torch.full(ids.shape, 0.5), generator=generator).bool() & selected & ~replaced
+    random_words = torch.randint(100, ids.shape, dtype=torch.long, generator=generator)
+    expected[randomised] = random_words[randomised]
+    assert torch.equal(masked, expected) and torch.equal(labels, expected_labels)
+    assert replaced.any() and randomised.any()  # every branch was exercised
+
+
 def test_sample_negatives_never_returns_an_excluded_item():
     weights = torch.rand(6, 6).masked_fill(torch.eye(6, dtype=torch.bool), 0)
     for _ in range(200):
