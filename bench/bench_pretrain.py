@@ -68,6 +68,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=0.4, help="distillation weight (the value after epoch 0)")
     p.add_argument("--sync_debug", action=argparse.BooleanOptionalAction, default=False,
                    help="CUDA: list the host-device synchronisations of one step")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile N more steps: GPU busy time per step and the top operators")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch default)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -179,22 +181,64 @@ def count_syncs(step: Callable[[], object], device: torch.device) -> dict:
     if device.type != "cuda":
         return {"host_syncs_per_step": None, "sync_sites": {}}
     _synchronize(device)
-    with warnings.catch_warnings(record=True) as caught:
+    caught: list[tuple[str, str]] = []
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *rest, **kw: caught.append((str(message), _call_site()))
         torch.cuda.set_sync_debug_mode("warn")
         try:
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     sites: dict[str, int] = {}
-    for warning in caught:
-        if "synchroniz" in str(warning.message).lower():
-            path = warning.filename
-            if path.startswith(str(REPO)):
-                path = os.path.relpath(path, REPO)
-            site = f"{path}:{warning.lineno}"
+    for message, site in caught:
+        if "synchroniz" in message.lower():
             sites[site] = sites.get(site, 0) + 1
     return {"host_syncs_per_step": sum(sites.values()), "sync_sites": sites}
+
+
+def _call_site() -> str:
+    """The innermost frame of this repository's model code on the stack (not this script), plus the
+    innermost frame overall when that lies elsewhere (e.g. inside torch)."""
+    frames = [f for f in traceback.extract_stack()  # minus the warning machinery and this reporter
+              if "warnings" not in os.path.basename(f.filename) and f.name not in ("_call_site", "<lambda>")]
+    ours = [f for f in frames if f.filename.startswith(str(REPO)) and not f.filename.endswith("bench_pretrain.py")]
+    inner = frames[-1]
+    site = f"{os.path.relpath(ours[-1].filename, REPO)}:{ours[-1].lineno}" if ours else ""
+    if not ours or inner is not ours[-1]:
+        site += f" (in {inner.filename.split('site-packages/')[-1]}:{inner.lineno})"
+    return site.strip()
+
+
+def profile_steps(step: Callable[[], object], device: torch.device, steps: int, top: int = 12) -> dict:
+    """Profile ``steps`` steps: device busy ms per step (sum of kernel self times), kernels launched
+    per step, and the operators with the most device (CUDA) or CPU self time. A wall time per step far
+    above the busy time means the GPU waits for the host (launch overhead, syncs)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _synchronize(device)
+    averages = prof.key_averages()
+
+    def device_self(event) -> float:
+        return getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0))
+
+    key = device_self if cuda else (lambda event: event.self_cpu_time_total)
+    ranked = sorted(averages, key=key, reverse=True)[:top]
+    kernels = sum(1 for event in prof.events() if cuda and event.device_type == DeviceType.CUDA)
+    return {
+        "profiled_steps": steps,
+        "device_busy_ms_per_step": round(sum(device_self(e) for e in averages) / 1000 / steps, 2) if cuda else None,
+        "kernels_per_step": round(kernels / steps) if cuda else None,
+        "cpu_self_ms_per_step": round(sum(e.self_cpu_time_total for e in averages) / 1000 / steps, 2),
+        "top_ops_ms_per_step": {e.key[:80]: round(key(e) / 1000 / steps, 2) for e in ranked},
+    }
 
 
 def peak_memory_gib(device: torch.device) -> tuple[float, str]:
@@ -286,6 +330,8 @@ def run(args: argparse.Namespace) -> dict:
     cpu_seconds = time.process_time() - cpu_start
     memory, memory_kind = peak_memory_gib(device)
     means = torch.stack(history).mean(dim=0).tolist() if history else []
+    if args.profile:
+        record["profile"] = profile_steps(step, device, args.profile)
     record.update({
         "seconds": round(seconds, 3),
         "process_cpu_seconds": round(cpu_seconds, 3),  # on a shared CPU: compare with seconds x threads

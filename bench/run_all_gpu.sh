@@ -10,7 +10,7 @@
 # still gets a line, with "error" and the tail of its stderr. Full logs: bench_logs/<part>.{out,err}.
 # BENCH_COMPILE=0 skips the torch.compile run of the pretraining step (last, with whatever budget is
 # left); BENCH_E2E=0 skips the one-epoch demo pretraining through the real trainer on CUDA + bf16.
-# PYTHON picks the interpreter (default: python).
+# BENCH_SKIP="part part ..." skips parts by name. PYTHON picks the interpreter (default: python).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -41,6 +41,7 @@ EOF
 run_part() {
   local part=$1 limit=$2
   shift 2
+  [[ " ${BENCH_SKIP:-} " == *" $part "* ]] && return
   local left=$(( TOTAL - ($(date +%s) - START) ))
   if (( left < 20 )); then
     echo "{\"part\": \"$part\", \"error\": \"skipped: suite budget of ${TOTAL} s spent\"}" >> "$RESULTS"
@@ -59,16 +60,21 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&
 run_part check_cuda 60 "$PY" bench/check_cuda.py --device cuda
 
 # Pretraining step at the paper size (image 256, batch 32, queue 65536, 55 VC tokens).
-run_part pretrain_bf16 100 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --steps 30 --warmup 5 \
-  --sync_debug
-run_part pretrain_fp32 60 "$PY" bench/bench_pretrain.py --device cuda --precision fp32 --steps 10 --warmup 3
+run_part pretrain_bf16 100 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --steps 20 --warmup 5 \
+  --sync_debug --profile 3
+# Same seed, steps and batch as pretrain_bf16: its losses are the fp32 reference.
+run_part pretrain_fp32 60 "$PY" bench/bench_pretrain.py --device cuda --precision fp32 --steps 20 --warmup 5
 run_part pretrain_tf32 50 "$PY" bench/bench_pretrain.py --device cuda --precision tf32 --steps 10 --warmup 3
 run_part pretrain_bf16_b64 60 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --batch_size 64 \
-  --steps 15 --warmup 3
+  --steps 15 --warmup 3 --profile 2
+run_part pretrain_bf16_b128_ckpt 70 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --batch_size 128 \
+  --grad_checkpointing --steps 8 --warmup 3
 
 # Retrieval evaluation at the COCO config (image 380, k_test 256): batched vs per-query ITM scoring.
 run_part retrieval_eval 120 "$PY" bench/bench_retrieval_eval.py --config configs/Retrieval_coco.yaml \
   --device cuda --bf16 --num_images 128 --k_test 256
+run_part retrieval_eval_big_batches 60 "$PY" bench/bench_retrieval_eval.py --config configs/Retrieval_coco.yaml \
+  --device cuda --bf16 --num_images 128 --k_test 256 --pairs_per_batch 4096 --group_size 64
 
 # Data pipeline: decode + RandomResizedCrop + flip + RandAugment at 256 px, per core and with 8 workers.
 run_part data 40 "$PY" bench/bench_data.py --num_images 64 --iterations 300 --num_workers 8 --loader_batches 10

@@ -50,9 +50,10 @@ def hierarchical_contrastive_loss(
     for a, b, all_a, all_b, weight in zip(image_cls, text_cls, gathered_image_cls, gathered_text_cls, weights):
         sim_i2t = a @ all_b.t() / temp
         sim_t2i = b @ all_a.t() / temp
-        targets = torch.zeros_like(sim_i2t)
-        rows = torch.arange(a.shape[0], device=a.device)
-        targets[rows, rows + positive_offset] = 1
+        # One-hot Y built by comparison: an index_put of a scalar would copy it from the host (a sync).
+        rows = torch.arange(a.shape[0], device=a.device) + positive_offset
+        columns = torch.arange(sim_i2t.shape[1], device=a.device)
+        targets = (columns[None, :] == rows[:, None]).to(sim_i2t.dtype)
         total = total + weight * contrastive_loss(sim_i2t, sim_t2i, targets, targets)
     return total
 
