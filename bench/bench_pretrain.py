@@ -211,7 +211,7 @@ def _call_site() -> str:
 
 
 def profile_steps(step: Callable[[], object], device: torch.device, steps: int, top: int = 12) -> dict:
-    """Profile ``steps`` steps: device busy ms per step (sum of kernel self times), kernels launched
+    """Profile ``steps`` steps: device busy ms per step (the kernels' own durations), kernels launched
     per step, and the operators with the most device (CUDA) or CPU self time. A wall time per step far
     above the busy time means the GPU waits for the host (launch overhead, syncs)."""
     from torch.autograd import DeviceType
@@ -224,19 +224,22 @@ def profile_steps(step: Callable[[], object], device: torch.device, steps: int, 
         for _ in range(steps):
             step()
         _synchronize(device)
-    averages = prof.key_averages()
+    kernels = [event for event in prof.events() if event.device_type == DeviceType.CUDA]
+    # Operators only (kernel rows would count the same time twice); ranked by the time of the kernels
+    # they launched on the device, or by their own CPU time on a CPU run.
+    operators = [event for event in prof.key_averages() if event.device_type == DeviceType.CPU]
 
     def device_self(event) -> float:
         return getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0))
 
     key = device_self if cuda else (lambda event: event.self_cpu_time_total)
-    ranked = sorted(averages, key=key, reverse=True)[:top]
-    kernels = sum(1 for event in prof.events() if cuda and event.device_type == DeviceType.CUDA)
+    ranked = sorted(operators, key=key, reverse=True)[:top]
     return {
         "profiled_steps": steps,
-        "device_busy_ms_per_step": round(sum(device_self(e) for e in averages) / 1000 / steps, 2) if cuda else None,
-        "kernels_per_step": round(kernels / steps) if cuda else None,
-        "cpu_self_ms_per_step": round(sum(e.self_cpu_time_total for e in averages) / 1000 / steps, 2),
+        "device_busy_ms_per_step": round(sum(k.time_range.elapsed_us() for k in kernels) / 1000 / steps, 2)
+        if cuda else None,
+        "kernels_per_step": round(len(kernels) / steps) if cuda else None,
+        "cpu_self_ms_per_step": round(sum(e.self_cpu_time_total for e in operators) / 1000 / steps, 2),
         "top_ops_ms_per_step": {e.key[:80]: round(key(e) / 1000 / steps, 2) for e in ranked},
     }
 
