@@ -76,7 +76,7 @@ def check_fused_attention(tokenizer, device: torch.device) -> dict:
         torch.manual_seed(7)
         terms = model(image, (caption, vc), alpha=0.4)
         sum(terms.values()).backward()
-        runs.append(({k: float(v) for k, v in terms.items()},
+        runs.append(({k: float(v.detach()) for k, v in terms.items()},
                      torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     loss_gap = max(abs(runs[0][0][k] - runs[1][0][k]) for k in runs[0][0])
     grad_gap = relative_gap(runs[1][1], runs[0][1])
@@ -100,7 +100,7 @@ def check_bf16_step(tokenizer, device: torch.device) -> dict:
             if grads is None:
                 grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
             optimizer.step()
-            history.append({k: float(v) for k, v in terms.items()})
+            history.append({k: float(v.detach()) for k, v in terms.items()})
         results.append((history, grads))
     (fp32, fp32_grads), (bf16, bf16_grads) = results
     worst = max(abs(a[k] - b[k]) / (abs(a[k]) + 1e-6) for a, b in zip(fp32, bf16) for k in a)

@@ -1,0 +1,50 @@
+"""The benchmark scripts run on CPU with the tiny config and report what docs/benchmarks.md says.
+
+Nothing here is timed: only the records' fields and the correctness numbers they carry are checked.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "bench"))
+
+import bench_pretrain  # noqa: E402
+import bench_retrieval_eval  # noqa: E402
+import check_cuda  # noqa: E402
+
+
+def test_pretrain_bench_reports_losses_memory_and_a_profile(capsys):
+    record = bench_pretrain.main(["--tiny", "--device", "cpu", "--threads", "1", "--steps", "1", "--warmup", "0",
+                                  "--profile", "1"])
+    assert record["bench"] == "pretrain_step" and record["samples_per_s"] > 0
+    assert set(record["losses"]) == {"loss_mlm", "loss_ita", "loss_itm", "loss_mae"}
+    assert all(value > 0 for value in record["losses"].values())
+    profile = record["profile"]
+    assert profile["profiled_steps"] == 1 and profile["device_busy_ms_per_step"] is None  # no GPU here
+    assert profile["cpu_self_ms_per_step"] > 0 and len(profile["top_ops_ms_per_step"]) > 5
+    assert capsys.readouterr().out.strip().startswith("{")  # one JSON line on stdout
+
+
+def test_pretrain_bench_refuses_a_queue_that_the_batch_does_not_divide():
+    with pytest.raises(ValueError, match="queue_size 100 is not a multiple of the batch size 16"):
+        bench_pretrain.main(["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--queue_size", "100"])
+
+
+def test_retrieval_bench_batched_scores_equal_the_loop():
+    record = bench_retrieval_eval.main(["--device", "cpu", "--threads", "1", "--num_images", "6",
+                                        "--captions_per_image", "2", "--k_test", "4", "--group_size", "3",
+                                        "--pairs_per_batch", "10"])
+    assert record["pairs"] == 6 * 4 + 12 * 4
+    assert record["max_abs_diff"] < 1e-5
+    assert set(record["extrapolated_scoring_seconds"]) == {"coco5k", "flickr1k"}
+
+
+def test_cuda_check_script_passes_on_cpu(capsys):
+    assert check_cuda.main(["--device", "cpu"]) == 0
+    assert '"ok": true' in capsys.readouterr().out
