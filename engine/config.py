@@ -133,6 +133,8 @@ _TOP: dict[str, _Key] = {
     "fix_nlvr_teacher": _Key("bool", False, "NLVR: teacher uses visual_encoder_m; copy params after loading"),
     "mae_cls_pos_embed": _Key("bool", False, "MAE: add the [CLS] position embedding (as official MAE)"),
     "mask_vc_padding": _Key("bool", False, "mask padded VC tokens in ViT self- and fusion cross-attention"),
+    # ---- additions: training options (default = original) ----
+    "itm_negatives": _Key("str", "hard", "ITM negatives: 'hard' (drawn by ITC similarity, original) or 'random' (uniform)"),
     # ---- additions: speed / runtime ----
     "bf16": _Key("bool", False, "autocast forward passes to bfloat16"),
     "grad_checkpointing": _Key("bool", False, "recompute activations in backward to save memory"),

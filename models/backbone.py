@@ -203,6 +203,9 @@ class QueueMixin:
         self.queue_ptr.copy_((self.queue_ptr + batch) % self.queue_size)
 
 
+ITM_NEGATIVES = ("hard", "random")
+
+
 class AlignmentMixin:
     """ITC with momentum key banks + distillation, and ITM with in-batch hard negatives.
 
@@ -215,6 +218,9 @@ class AlignmentMixin:
         """Encoders, VC path, ITC projections, ``temp``, ``itm_head`` and their momentum twins, in the
         original's order (pretraining: ``text_kind='mlm'``; retrieval/grounding: ``'model'``)."""
         embed_dim, vision_width = config["embed_dim"], config["vision_width"]
+        self.itm_negatives = config.get("itm_negatives", "hard")
+        if self.itm_negatives not in ITM_NEGATIVES:
+            raise ValueError(f"config key itm_negatives is {self.itm_negatives!r}; expected one of {ITM_NEGATIVES}")
         self.visual_encoder = build_visual_encoder(config, return_hidden_state=return_hidden_state)
         maybe_load_deit(self.visual_encoder, config, default=init_deit)
         self.text_encoder = build_text_encoder(bert_config, text_kind, weights, config.get("init_bert", True))
@@ -278,7 +284,8 @@ class AlignmentMixin:
         """ITM over [positives; text + hard-negative image; image + hard-negative text] (§3.5).
 
         Negatives are drawn from softmax(sim[:, :B]) with the positive excluded: the diagonal, or
-        (retrieval, ``idx`` given) every pair showing the same image.
+        (retrieval, ``idx`` given) every pair showing the same image. With ``itm_negatives: random``
+        (not the original) they are drawn uniformly from the same allowed items instead.
         """
         batch = image_embeds.shape[0]
         with torch.no_grad():
@@ -288,6 +295,8 @@ class AlignmentMixin:
                 excluded = idx.view(-1, 1) == idx.view(1, -1)
             weights_i2t = F.softmax(sim_i2t[:, :batch].float(), dim=1).masked_fill(excluded, 0)
             weights_t2i = F.softmax(sim_t2i[:, :batch].float(), dim=1).masked_fill(excluded, 0)
+            if self.itm_negatives == "random":
+                weights_i2t = weights_t2i = (~excluded).float()
         negative_images = losses.sample_negatives(weights_t2i)  # one image per text
         negative_texts = losses.sample_negatives(weights_i2t)  # one text per image
         texts = torch.cat([text_embeds, text_embeds, text_embeds[negative_texts]], dim=0)

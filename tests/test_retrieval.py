@@ -155,6 +155,27 @@ def test_itm_negatives_never_show_the_same_image(tiny_model, tokenizer, monkeypa
         assert (weights[same] == 0).all() and (weights[~same] > 0).all()
 
 
+def test_random_itm_negatives_are_uniform_over_the_allowed_items(tiny_model, tokenizer, monkeypatch):
+    seen = []
+    original = losses.sample_negatives
+
+    def spy(weights):
+        seen.append(weights.detach().clone())
+        return original(weights)
+
+    monkeypatch.setattr(losses, "sample_negatives", spy)
+    monkeypatch.setattr(tiny_model, "itm_negatives", "random")
+    image, text, idx = make_batch(tokenizer, 4, ids=[3, 3, 8, 3])
+    tiny_model(image, text, alpha=0.4, idx=idx)
+    allowed = (idx[:, None] != idx[None, :]).float()
+    assert len(seen) == 2 and all(torch.equal(weights, allowed) for weights in seen)
+
+
+def test_unknown_itm_negatives_value_is_an_error_naming_the_key(tokenizer):
+    with pytest.raises(ValueError, match="itm_negatives is 'hardest'"):
+        MODEL_BUILDERS["retrieval"](tiny_config(itm_negatives="hardest"), text_encoder=None, tokenizer=tokenizer)
+
+
 def test_contrastive_targets_spread_over_every_caption_of_the_image(tiny_model):
     idx = torch.tensor([4, 4, 6])
     tiny_model.idx_queue[0, :2] = torch.tensor([4, 6])
