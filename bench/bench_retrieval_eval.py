@@ -9,7 +9,8 @@ Prints one JSON line: sizes, device, seconds and ITM pairs per second of both sc
 as the original protocol does: k_test per image row plus k_test per text row), the largest
 difference between their score matrices, and the scoring time extrapolated at the measured rates
 to the COCO 5K test set (5000 images, 25000 captions, k_test 256) and Flickr30k 1K (1000, 5000, 128).
-Feature extraction (ViT and text encoder, identical for both) is timed separately and not included.
+Feature extraction (ViT and text encoder, identical for both) is timed separately, and extrapolated
+to the same test sets in proportion to the number of images.
 """
 
 from __future__ import annotations
@@ -132,6 +133,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "speedup": round(loop_seconds / batched_seconds, 2),
         "max_abs_diff": max(float((batched_i2t - loop_i2t).abs().max()), float((batched_t2i - loop_t2i).abs().max())),
         "extrapolated_scoring_seconds": extrapolated,
+        # Encoders scale with the number of images and captions (same 1:captions_per_image ratio assumed).
+        "extrapolated_feature_seconds": {name: round(feature_seconds * n_img / features.num_images, 2)
+                                         for name, (n_img, _, _) in TEST_SETS.items()},
     }
     print(json.dumps(result))
     return result

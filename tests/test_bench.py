@@ -43,6 +43,8 @@ def test_retrieval_bench_batched_scores_equal_the_loop():
     assert record["pairs"] == 6 * 4 + 12 * 4
     assert record["max_abs_diff"] < 1e-5
     assert set(record["extrapolated_scoring_seconds"]) == {"coco5k", "flickr1k"}
+    features = record["extrapolated_feature_seconds"]
+    assert features["coco5k"] == pytest.approx(5 * features["flickr1k"], rel=0.01)
 
 
 def test_cuda_check_script_passes_on_cpu(capsys):
