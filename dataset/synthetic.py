@@ -21,7 +21,7 @@ import random
 import string
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -237,11 +237,15 @@ def ve_neutral(scene: Scene, rng: random.Random) -> str:
     return f"the {obj.colour} {obj.shape} feels {rng.choice(('soft', 'hard', 'warm', 'cold', 'heavy', 'light'))}"
 
 
-def nlvr_claim(left: Scene, right: Scene, rng: random.Random) -> Claim:
-    """A statement about an image pair and whether it holds."""
+NLVR_CLAIM_KINDS = 6
+
+
+def nlvr_claim(left: Scene, right: Scene, rng: random.Random, kind: Optional[int] = None) -> Claim:
+    """A statement about an image pair and whether it holds (``kind``: one of the 6 templates,
+    drawn at random when None)."""
     sides = {"left": left, "right": right}
     side = rng.choice(("left", "right"))
-    kind = rng.randrange(6)
+    kind = rng.randrange(NLVR_CLAIM_KINDS) if kind is None else kind
     if kind == 0:
         a = _random_attrs(sides[side], rng, ("colour", "shape"))
         return f"the {side} image contains a {a['colour']} {a['shape']}", sides[side].has(**a)
@@ -443,6 +447,21 @@ def _ve(w: _Writer, rng: random.Random, n_train: int, n_eval: int) -> None:
         w.json(f"ve_{split}", f"json/ve_{split}.json", records)
 
 
+def _nlvr_statement(left: Scene, right: Scene, rng: random.Random, label: bool) -> str:
+    """A statement with truth ``label`` whose template is drawn before the label is looked at, so the
+    template says nothing about the label (drawing statements until one has the wanted truth would
+    favour the templates that are usually true or usually false). A template that cannot have the
+    wanted truth for this pair (e.g. 'both images contain a ...' with no shape in common) is redrawn."""
+    kinds = list(range(NLVR_CLAIM_KINDS))
+    rng.shuffle(kinds)
+    for kind in kinds:
+        for _ in range(200):
+            text, truth = nlvr_claim(left, right, rng, kind)
+            if truth == label:
+                return text
+    raise RuntimeError("could not generate an NLVR statement with the wanted truth value")
+
+
 def _nlvr(w: _Writer, rng: random.Random, n_train: int, n_eval: int) -> None:
     for split, n in (("train", n_train), ("dev", n_eval), ("test", n_eval)):
         records = []
@@ -455,7 +474,7 @@ def _nlvr(w: _Writer, rng: random.Random, n_train: int, n_eval: int) -> None:
             labels = [True, False]
             rng.shuffle(labels)
             for label in labels:
-                sentence, _ = _claim_with_truth(partial(nlvr_claim, left, right, rng), label)
+                sentence = _nlvr_statement(left, right, rng, label)
                 records.append(
                     {"images": names, "sentence": sentence, "label": str(label), "kwords1": kwords1, "kwords2": kwords2}
                 )
