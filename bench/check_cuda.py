@@ -57,7 +57,8 @@ def tiny_model(task: str, tokenizer, device: torch.device) -> nn.Module:
 
 def make_batch(tokenizer, device: torch.device):
     image = torch.randn(len(CAPTIONS), 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    return image.to(device), tokenizer(CAPTIONS, max_length=25).to(device), tokenizer(CONCEPTS, max_length=55).to(device)
+    caption, vc = tokenizer(CAPTIONS, max_length=25), tokenizer(CONCEPTS, max_length=55)
+    return image.to(device), caption.to(device), vc.to(device)
 
 
 def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -109,6 +110,11 @@ def check_bf16_step(tokenizer, device: torch.device) -> dict:
             "ok": worst < 0.02 and cosine > 0.99}
 
 
+def top_k_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's k best columns in order (unscored entries last)."""
+    return scores.masked_fill(scores == FILL_SCORE, -1e9).argsort(dim=1, stable=True)[:, -k:]
+
+
 def check_retrieval_ranks(tokenizer, device: torch.device, k_test: int = 8) -> dict:
     model = tiny_model("retrieval", tokenizer, device).eval()
     generator = torch.Generator().manual_seed(2)
@@ -128,9 +134,7 @@ def check_retrieval_ranks(tokenizer, device: torch.device, k_test: int = 8) -> d
                                  print_freq=10**9)
         loop = score_matrices_per_query(model, features, k_test, bf16=bf16)
         diff = max(float((a - b).abs().max()) for a, b in zip(batched, loop))
-        same_order = all(bool(torch.equal(a.masked_fill(a == FILL_SCORE, -1e9).argsort(dim=1, stable=True)[:, -k_test:],
-                                          b.masked_fill(b == FILL_SCORE, -1e9).argsort(dim=1, stable=True)[:, -k_test:]))
-                         for a, b in zip(batched, loop))
+        same_order = all(torch.equal(top_k_order(a, k_test), top_k_order(b, k_test)) for a, b in zip(batched, loop))
         top1 = sum(float((a.argmax(dim=1) == b.argmax(dim=1)).float().mean()) for a, b in zip(batched, loop)) / 2
         result["bf16" if bf16 else "fp32"] = {"max_abs_diff": diff, "same_ranks": same_order, "top1_agreement": top1}
     result["ok"] = result["fp32"]["max_abs_diff"] < 1e-3 and result["bf16"]["top1_agreement"] > 0.9

@@ -92,8 +92,8 @@ if [[ "${BENCH_E2E:-1}" == 1 ]]; then
 fi
 
 if [[ "${BENCH_COMPILE:-1}" == 1 ]]; then
-  run_part pretrain_bf16_compile 150 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --compile blocks --profile 2 \
-    --steps 20 --warmup 5
+  run_part pretrain_bf16_compile 150 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --compile blocks \
+    --profile 2 --steps 20 --warmup 5
 fi
 
 echo "results: $RESULTS ($(( $(date +%s) - START )) s)" >&2

@@ -134,7 +134,7 @@ _TOP: dict[str, _Key] = {
     "mae_cls_pos_embed": _Key("bool", False, "MAE: add the [CLS] position embedding (as official MAE)"),
     "mask_vc_padding": _Key("bool", False, "mask padded VC tokens in ViT self- and fusion cross-attention"),
     # ---- additions: training options (default = original) ----
-    "itm_negatives": _Key("str", "hard", "ITM negatives: 'hard' (drawn by ITC similarity, original) or 'random' (uniform)"),
+    "itm_negatives": _Key("str", "hard", "ITM negatives: 'hard' (drawn by ITC similarity, original) or 'random'"),
     # ---- additions: speed / runtime ----
     "bf16": _Key("bool", False, "autocast forward passes to bfloat16"),
     "grad_checkpointing": _Key("bool", False, "recompute activations in backward to save memory"),

@@ -293,10 +293,11 @@ class AlignmentMixin:
                 excluded = torch.eye(batch, dtype=torch.bool, device=image_embeds.device)
             else:
                 excluded = idx.view(-1, 1) == idx.view(1, -1)
-            weights_i2t = F.softmax(sim_i2t[:, :batch].float(), dim=1).masked_fill(excluded, 0)
-            weights_t2i = F.softmax(sim_t2i[:, :batch].float(), dim=1).masked_fill(excluded, 0)
             if self.itm_negatives == "random":
                 weights_i2t = weights_t2i = (~excluded).float()
+            else:
+                weights_i2t = F.softmax(sim_i2t[:, :batch].float(), dim=1).masked_fill(excluded, 0)
+                weights_t2i = F.softmax(sim_t2i[:, :batch].float(), dim=1).masked_fill(excluded, 0)
         negative_images = losses.sample_negatives(weights_t2i)  # one image per text
         negative_texts = losses.sample_negatives(weights_i2t)  # one text per image
         texts = torch.cat([text_embeds, text_embeds, text_embeds[negative_texts]], dim=0)

@@ -138,7 +138,9 @@ def test_forward_backward_gives_finite_losses_and_gradients_everywhere(tiny_mode
     assert tiny_model.queue_ptr.item() == 4
 
 
-def test_itm_negatives_never_show_the_same_image(tiny_model, tokenizer, monkeypatch):
+def negative_sampling_weights(model, tokenizer, monkeypatch, ids: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Run one retrieval forward with image ids ``ids``; return the weights each ITM negative draw
+    received (texts for images, images for texts) and the ids."""
     seen = []
     original = losses.sample_negatives
 
@@ -147,8 +149,13 @@ def test_itm_negatives_never_show_the_same_image(tiny_model, tokenizer, monkeypa
         return original(weights)
 
     monkeypatch.setattr(losses, "sample_negatives", spy)
-    image, text, idx = make_batch(tokenizer, 4, ids=[3, 3, 8, 3])
-    tiny_model(image, text, alpha=0.4, idx=idx)
+    image, text, idx = make_batch(tokenizer, len(ids), ids=ids)
+    model(image, text, alpha=0.4, idx=idx)
+    return seen, idx
+
+
+def test_itm_negatives_never_show_the_same_image(tiny_model, tokenizer, monkeypatch):
+    seen, idx = negative_sampling_weights(tiny_model, tokenizer, monkeypatch, [3, 3, 8, 3])
     same = idx[:, None] == idx[None, :]
     assert len(seen) == 2
     for weights in seen:
@@ -156,17 +163,8 @@ def test_itm_negatives_never_show_the_same_image(tiny_model, tokenizer, monkeypa
 
 
 def test_random_itm_negatives_are_uniform_over_the_allowed_items(tiny_model, tokenizer, monkeypatch):
-    seen = []
-    original = losses.sample_negatives
-
-    def spy(weights):
-        seen.append(weights.detach().clone())
-        return original(weights)
-
-    monkeypatch.setattr(losses, "sample_negatives", spy)
     monkeypatch.setattr(tiny_model, "itm_negatives", "random")
-    image, text, idx = make_batch(tokenizer, 4, ids=[3, 3, 8, 3])
-    tiny_model(image, text, alpha=0.4, idx=idx)
+    seen, idx = negative_sampling_weights(tiny_model, tokenizer, monkeypatch, [3, 3, 8, 3])
     allowed = (idx[:, None] != idx[None, :]).float()
     assert len(seen) == 2 and all(torch.equal(weights, allowed) for weights in seen)
 
