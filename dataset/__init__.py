@@ -80,16 +80,22 @@ def _vc_options(config: dict) -> dict:
     return {"sep_token": config.get("sep_token", True), "randkw_p": config.get("randkw_p")}
 
 
+def _train_transform(kind: str, config: dict, res: int) -> Any:
+    """The training transform with the config's augmentation keys (`crop_min_scale`, `horizontal_flip`)."""
+    return build_transform(kind, res, crop_min_scale=config.get("crop_min_scale"),
+                           horizontal_flip=config.get("horizontal_flip", True))
+
+
 def _pretrain(config: dict, res: int, vc: dict, data_dir: str | None) -> Dataset:
     if data_dir is None:
         raise ValueError("create_dataset('pretrain') needs data_dir: pretraining image paths are remapped onto it")
-    return PretrainDataset(config["train_file"], build_transform("pretrain", res), data_dir, **vc)
+    return PretrainDataset(config["train_file"], _train_transform("pretrain", config, res), data_dir, **vc)
 
 
 def _retrieval(config: dict, res: int, vc: dict, data_dir: str | None) -> tuple[Dataset, ...]:
     root, test_t = config["image_root"], build_transform("test", res)
     return (
-        RetrievalTrainDataset(config["train_file"], build_transform("train", res), root, **vc),
+        RetrievalTrainDataset(config["train_file"], _train_transform("train", config, res), root, **vc),
         RetrievalEvalDataset(config["val_file"], test_t, root, **vc),
         RetrievalEvalDataset(config["test_file"], test_t, root, **vc),
     )
@@ -98,7 +104,7 @@ def _retrieval(config: dict, res: int, vc: dict, data_dir: str | None) -> tuple[
 def _vqa(config: dict, res: int, vc: dict, data_dir: str | None) -> tuple[Dataset, ...]:
     roots = (config["vqa_root"], config["vg_root"])
     return (
-        VQADataset(config["train_file"], build_transform("train", res), *roots, split="train", **vc),
+        VQADataset(config["train_file"], _train_transform("train", config, res), *roots, split="train", **vc),
         VQADataset(config["test_file"], build_transform("test", res), *roots, split="test",
                    answer_list=config["answer_list"], **vc),
     )
@@ -109,7 +115,7 @@ def _three_splits(cls: type) -> Callable[..., tuple[Dataset, ...]]:
     def build(config: dict, res: int, vc: dict, data_dir: str | None) -> tuple[Dataset, ...]:
         root, test_t = config["image_root"], build_transform("test", res)
         return (
-            cls(config["train_file"], build_transform("train", res), root, **vc),
+            cls(config["train_file"], _train_transform("train", config, res), root, **vc),
             cls(config["val_file"], test_t, root, **vc),
             cls(config["test_file"], test_t, root, **vc),
         )
@@ -119,7 +125,7 @@ def _three_splits(cls: type) -> Callable[..., tuple[Dataset, ...]]:
 def _grounding(config: dict, res: int, vc: dict, data_dir: str | None) -> tuple[Dataset, ...]:
     root = config["image_root"]
     return (
-        GroundingDataset(config["train_file"], build_transform("grounding_train", res), root, mode="train", **vc),
+        GroundingDataset(config["train_file"], _train_transform("grounding_train", config, res), root, mode="train", **vc),
         GroundingDataset(config["test_file"], build_transform("test", res), root, mode="test", **vc),
     )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
@@ -13,25 +15,32 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TRANSFORM_KINDS = ("pretrain", "train", "grounding_train", "test")
 
 
-def build_transform(kind: str, image_res: int) -> transforms.Compose:
+def build_transform(kind: str, image_res: int, crop_min_scale: Optional[float] = None,
+                    horizontal_flip: bool = True) -> transforms.Compose:
     """Return the torchvision pipeline `kind` at resolution `image_res` (picklable for workers).
 
     pretrain / train: RandomResizedCrop (scale 0.2-1 / 0.5-1) + flip + RandAugment(2, 7);
     grounding_train: square Resize + flip + RandAugment (no crop, boxes must stay in frame);
     test: square Resize only (aspect ratio not kept).
+    `crop_min_scale` replaces the crop's smallest area fraction and `horizontal_flip=False` drops the
+    flip (config keys of the same names; the defaults are the original's). Crops that cut objects
+    out and flips that swap left and right make texts that name objects or sides false.
     """
     bicubic = InterpolationMode.BICUBIC
+    if crop_min_scale is not None and not 0.0 < crop_min_scale <= 1.0:
+        raise ValueError(f"crop_min_scale must be in (0, 1], got {crop_min_scale}")
+    flip = [transforms.RandomHorizontalFlip()] if horizontal_flip else []
     if kind in ("pretrain", "train"):
-        scale = (0.2, 1.0) if kind == "pretrain" else (0.5, 1.0)
+        low = crop_min_scale if crop_min_scale is not None else (0.2 if kind == "pretrain" else 0.5)
         steps = [
-            transforms.RandomResizedCrop(image_res, scale=scale, interpolation=bicubic),
-            transforms.RandomHorizontalFlip(),
+            transforms.RandomResizedCrop(image_res, scale=(low, 1.0), interpolation=bicubic),
+            *flip,
             RandomAugment(2, 7, isPIL=True),
         ]
     elif kind == "grounding_train":
         steps = [
             transforms.Resize((image_res, image_res), interpolation=bicubic),
-            transforms.RandomHorizontalFlip(),
+            *flip,
             RandomAugment(2, 7, isPIL=True),
         ]
     elif kind == "test":

@@ -135,6 +135,8 @@ _TOP: dict[str, _Key] = {
     "mask_vc_padding": _Key("bool", False, "mask padded VC tokens in ViT self- and fusion cross-attention"),
     # ---- additions: training options (default = original) ----
     "itm_negatives": _Key("str", "hard", "ITM negatives: 'hard' (drawn by ITC similarity, original) or 'random'"),
+    "crop_min_scale": _Key("float", None, "training crops: smallest area fraction (None = 0.2 pretraining, 0.5 fine-tuning)"),
+    "horizontal_flip": _Key("bool", True, "training: random horizontal flips (they make left/right texts false)"),
     # ---- additions: speed / runtime ----
     "bf16": _Key("bool", False, "autocast forward passes to bfloat16"),
     "grad_checkpointing": _Key("bool", False, "recompute activations in backward to save memory"),

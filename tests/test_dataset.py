@@ -168,6 +168,31 @@ def test_transforms_shape_and_normalisation():
         build_transform("val", RES)
 
 
+def _steps(transform) -> dict:
+    return {type(step).__name__: step for step in transform.transforms}
+
+
+def test_augmentation_keys_change_crop_and_flip_only(demo):
+    # Defaults are the original's: scale 0.2-1 in pretraining, 0.5-1 when fine-tuning, flips on.
+    assert _steps(build_transform("pretrain", RES))["RandomResizedCrop"].scale == (0.2, 1.0)
+    assert _steps(build_transform("train", RES))["RandomResizedCrop"].scale == (0.5, 1.0)
+    for kind in ("pretrain", "train", "grounding_train"):
+        default, custom = _steps(build_transform(kind, RES)), _steps(
+            build_transform(kind, RES, crop_min_scale=0.8, horizontal_flip=False))
+        assert "RandomHorizontalFlip" in default and "RandomHorizontalFlip" not in custom
+        assert set(default) - set(custom) == {"RandomHorizontalFlip"}
+        if kind != "grounding_train":  # grounding never crops
+            assert custom["RandomResizedCrop"].scale == (0.8, 1.0)
+    with pytest.raises(ValueError, match="crop_min_scale"):
+        build_transform("train", RES, crop_min_scale=0.0)
+    # The config keys reach the datasets' transforms.
+    config = {"train_file": f"{demo}/json/nlvr_train.json", "val_file": f"{demo}/json/nlvr_dev.json",
+              "test_file": f"{demo}/json/nlvr_test.json", "image_root": f"{demo}/images/nlvr", "image_res": RES,
+              "crop_min_scale": 0.9, "horizontal_flip": False}
+    train = _steps(create_dataset("nlvr", config)[0].transform)
+    assert train["RandomResizedCrop"].scale == (0.9, 1.0) and "RandomHorizontalFlip" not in train
+
+
 # ----------------------------------------------------------------------------------------------
 # VC strings and the pretraining path rewrite
 

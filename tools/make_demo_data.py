@@ -24,7 +24,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_retrieval", type=int, default=200, help="retrieval training images (5 captions each)")
     parser.add_argument("--num_vqa", type=int, default=200, help="VQA training images (3 questions each)")
     parser.add_argument("--num_ve", type=int, default=200, help="VE training images (3 statements each)")
-    parser.add_argument("--num_nlvr", type=int, default=200, help="NLVR training image pairs (2 statements each)")
+    parser.add_argument("--num_nlvr", type=int, default=600, help="NLVR training image pairs (2 statements each)")
     parser.add_argument("--num_grounding", type=int, default=200, help="RefCOCO+ training images")
     parser.add_argument("--num_eval", type=int, default=50, help="images (NLVR: pairs) per evaluation split")
     return parser.parse_args(argv)
