@@ -45,6 +45,7 @@ def demo_flags(data: str, json_subdir: str, output_dir: str, config: str) -> lis
 
 
 TINY_INIT_STEPS = 400
+PRETRAIN_EPOCHS = 12  # of the shared pretraining checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -61,14 +62,15 @@ def tiny_init(demo_data, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def pretrain_checkpoint(demo_data, tiny_init, tmp_path_factory) -> str:
-    """checkpoint_last.pth of a 5-epoch tiny pretraining run on the generated data, from the tiny init."""
+    """checkpoint_last.pth of a 12-epoch tiny pretraining run on the generated data, from the tiny init
+    (5 epochs left ITM at the class prior, and grounding at a random proposal's accuracy)."""
     import Pretrain
 
     out = str(tmp_path_factory.mktemp("pretrain"))
     flags = demo_flags(demo_data, "json_pretrain", out, os.path.join(REPO, "configs/demo/Pretrain.yaml"))
     flags[flags.index("--text_encoder") + 1] = os.path.join(tiny_init["dir"], "bert")
     deit = os.path.join(tiny_init["dir"], "vit.pth")
-    Pretrain.main(flags + ["schedular.epochs=5", "save_step=0", "init_deit=true", "init_bert=true",
+    Pretrain.main(flags + [f"schedular.epochs={PRETRAIN_EPOCHS}", "save_step=0", "init_deit=true", "init_bert=true",
                            f"deit_checkpoint={deit}"])
     return os.path.join(out, "checkpoint_last.pth")
 

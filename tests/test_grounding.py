@@ -198,11 +198,11 @@ def read_log(out: str) -> list[dict]:
 
 
 def test_finetuning_logs_accuracy_and_keeps_the_best_epoch(finetuned, demo_data):
-    """Grounding.py's log format, accuracy range and best checkpoint.
+    """Grounding.py's log format, best checkpoint, and accuracy well above a random proposal.
 
-    Learning is not asserted here: the test fixture's short pretraining has not learnt ITM, and the
-    Grad-CAM map of an untrained ITM points at the background (accuracy below a random proposal).
-    The demo-size run reaches 0.43 on val against 0.23 for a random proposal (docs/DESIGN.md).
+    Measured with this fixture (256 pretraining images, 12 epochs): val 0.38 after 2 epochs against
+    0.21 for a random proposal (0.20 from a 5-epoch pretraining, whose ITM had not learnt). The
+    demo-size run reaches 0.60 / 0.61 / 0.63 (docs/DESIGN.md).
     """
     records = read_log(finetuned)
     assert [list(r) for r in records] == [["train_lr", "train_loss_itm", "train_loss_ita", "val_d", "testA_d",
@@ -214,6 +214,7 @@ def test_finetuning_logs_accuracy_and_keeps_the_best_epoch(finetuned, demo_data)
     assert 0.0 < chance < 0.5
     assert all(0.0 <= r[f"{split}_d"] <= 1.0 for r in records for split in ("val", "testA", "testB"))
     best = max(r["val_d"] for r in records)
+    assert best > chance + 0.1, (chance, records)
     saved = torch.load(os.path.join(finetuned, "checkpoint_best.pth"), map_location="cpu", weights_only=False)
     assert saved["best"] == pytest.approx(best)
     results = torch.load(os.path.join(finetuned, "result", "epoch0.pth"), weights_only=False)

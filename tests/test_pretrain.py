@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import Pretrain
-from conftest import REPO, demo_flags
+from conftest import PRETRAIN_EPOCHS, REPO, demo_flags
 from engine.trainer import NonFiniteLossError
 
 CONFIG = os.path.join(REPO, "configs/demo/Pretrain.yaml")
@@ -26,7 +26,7 @@ def read_log(output_dir: str) -> list[dict]:
 def test_pretrain_log_checkpoint_and_falling_losses(pretrain_checkpoint):
     output_dir = os.path.dirname(pretrain_checkpoint)
     records = read_log(output_dir)
-    assert [r["epoch"] for r in records] == [0, 1, 2, 3, 4]
+    assert [r["epoch"] for r in records] == list(range(PRETRAIN_EPOCHS))
     assert all(list(r) == LOG_KEYS for r in records)
     assert all(isinstance(r["train_loss_ita"], str) for r in records)  # formatted strings, as the original
     first, last = records[0], records[-1]
@@ -34,7 +34,7 @@ def test_pretrain_log_checkpoint_and_falling_losses(pretrain_checkpoint):
         assert float(last[key]) < float(first[key]), key
     checkpoint = torch.load(pretrain_checkpoint, map_location="cpu", weights_only=False)
     assert set(checkpoint) == {"model", "optimizer", "lr_scheduler", "config", "epoch"}
-    assert checkpoint["epoch"] == 4
+    assert checkpoint["epoch"] == PRETRAIN_EPOCHS - 1
     assert os.path.isfile(os.path.join(output_dir, "config.yaml"))
     assert not [f for f in os.listdir(output_dir) if ".tmp" in f]
 

@@ -224,8 +224,8 @@ def _nlvr_template(text: str) -> int:
 class _MemoryWriter(syn._Writer):
     """Keeps the JSON records in memory and draws no pictures."""
 
-    def __init__(self) -> None:
-        super().__init__("unused", 64)
+    def __init__(self, out_dir: str = "unused") -> None:
+        super().__init__(out_dir, 64)
         self.records: dict[str, object] = {}
 
     def picture(self, task: str, name: str, scene: syn.Scene) -> None:
@@ -259,14 +259,25 @@ def test_statement_wording_says_nothing_about_the_label(task):
     assert max(gaps) < 0.05, (gaps, counts)
 
 
-def test_referring_expressions_are_unique():
+def test_referring_expressions_are_unique_and_name_no_location(tmp_path):
     scene = _scene(("circle", "red", "large", "left"), ("circle", "red", "small", "right"),
                    ("circle", "blue", "large", "top"))
     rng = random.Random(0)
-    for _ in range(50):
-        text = syn.referring_expression(scene, 0, rng).removeprefix("the ")
-        # The large red circle on the left needs two of: size, colour, position.
-        assert text in ("large red circle", "circle on the left", "red circle on the left")
+    # The large red circle needs its size; the blue circle is told apart by colour (size half of the time).
+    assert {syn.referring_expression(scene, 0, rng).removeprefix("the ") for _ in range(50)} == {"large red circle"}
+    assert {syn.referring_expression(scene, 2, rng).removeprefix("the ") for _ in range(50)} == {
+        "blue circle", "large blue circle"}
+    twins = _scene(("circle", "red", "large", "left"), ("circle", "red", "large", "right"))
+    assert not syn.distinguishable(twins) and syn.distinguishable(scene)
+    with pytest.raises(ValueError, match="attributes of another object"):
+        syn.referring_expression(twins, 0, rng)
+    # Generated RefCOCO+ files: every expression is unique in its picture and has no location word.
+    (tmp_path / "json" / "refcoco+").mkdir(parents=True)  # the refs pickle is written there
+    writer = _MemoryWriter(str(tmp_path))
+    syn._grounding(writer, random.Random(0), 40, 10)
+    locations = set(syn.POSITIONS) | {word for phrase in syn.POSITION_PHRASES.values() for word in phrase.split()}
+    expressions = [r["text"] for split in ("train", "val", "test") for r in writer.records[f"refcoco_{split}"]]
+    assert len(expressions) > 100 and not [t for t in expressions if set(t.split()) & (locations - {"the"})]
 
 
 def test_cli_main(tmp_path):
