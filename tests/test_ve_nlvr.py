@@ -471,7 +471,8 @@ def test_text_assignment_then_nlvr_then_evaluate(demo_data, pretrain_checkpoint,
 
     ta_out = str(tmp_path / "ta")
     ta_config = os.path.join(REPO, DEMO_CONFIGS["nlvr_pretrain"])
-    Pretrain_nlvr.main(["--checkpoint", pretrain_checkpoint] + demo_flags(demo_data, "json_pretrain", ta_out, ta_config))
+    Pretrain_nlvr.main(["--checkpoint", pretrain_checkpoint] + demo_flags(demo_data, "json_pretrain", ta_out, ta_config)
+                       + ["schedular.epochs=2"])
     records, _ = _log(ta_out)
     assert list(records[0]) == ["train_lr", "train_loss", "epoch"]
     ta_checkpoint = os.path.join(ta_out, "checkpoint_last.pth")
@@ -483,11 +484,11 @@ def test_text_assignment_then_nlvr_then_evaluate(demo_data, pretrain_checkpoint,
     records, last = _log(out)
     assert list(records[0]) == ["train_lr", "train_loss", "val_acc", "test_acc", "epoch"]
     best = max(records, key=lambda r: float(r["val_acc"]))
-    # Chance is 1/2. Issue 3 is open on NLVR: at this size (96 training pairs, 24 per evaluation
-    # split) the fine-tune fits the statements' wording, not the pictures (a text-only classifier
-    # scores 0.52 / 0.73 on these splits), and the accuracy stays at or near 1/2. What is asserted here
-    # is that it trains (the loss falls) and that the protocol around it holds; the model's use of
-    # both pictures is checked by test_nlvr_learns_a_label_that_needs_both_images.
+    # Chance is 1/2. Issue 3 is open on NLVR: the demo (600 pairs, 10-epoch text assignment) reaches
+    # val / test 0.71 / 0.65, but 96 training pairs and a 2-epoch text assignment do not learn in the
+    # time a test has. What is asserted here is that it trains (the loss falls) and that the protocol
+    # around it holds; the model's use of both pictures is checked by
+    # test_nlvr_learns_a_label_that_needs_both_images.
     assert float(records[-1]["train_loss"]) < float(records[0]["train_loss"]) - 0.01, records
     assert last == f"best epoch: {best['epoch']}"
 
