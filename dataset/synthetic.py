@@ -20,7 +20,6 @@ import pickle
 import random
 import string
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable, Optional, Sequence
 
 from PIL import Image, ImageDraw
@@ -211,9 +210,10 @@ def _claim_of_kind(make: Callable[[int], Claim], kind: int, label: bool, tries: 
     return None
 
 
-def _labelled_statements(draw_scenes: Callable[[], tuple[Scene, ...]], make: Callable[[tuple[Scene, ...], int], Claim],
-                         wanted: Sequence[tuple[int, bool]]) -> tuple[tuple[Scene, ...], list[str]]:
-    """Scenes and one statement per (template kind, truth) of ``wanted``.
+def _labelled_statements(rng: random.Random, num_scenes: int, claim: Callable[..., Claim],
+                         wanted: Sequence[tuple[int, bool]]) -> tuple[list[Scene], list[str]]:
+    """``num_scenes`` scenes and one statement ``claim(*scenes, rng, kind)`` per (template kind, truth)
+    of ``wanted``.
 
     Templates and truths are chosen before the pictures, and the pictures are redrawn until every
     statement can be written, so a statement's wording says nothing about its truth (a text-only
@@ -223,8 +223,8 @@ def _labelled_statements(draw_scenes: Callable[[], tuple[Scene, ...]], make: Cal
     naive-Bayes model of the words then reached 0.57-0.65 on NLVR.
     """
     for _ in range(1000):
-        scenes = draw_scenes()
-        texts = [_claim_of_kind(partial(make, scenes), kind, label) for kind, label in wanted]
+        scenes = _scenes(rng, num_scenes)
+        texts = [_claim_of_kind(lambda k: claim(*scenes, rng, k), kind, label) for kind, label in wanted]
         if None not in texts:
             return scenes, texts
     raise RuntimeError(f"could not draw pictures for the statements {list(wanted)}")
@@ -451,14 +451,11 @@ def _vqa(w: _Writer, rng: random.Random, n_train: int, n_eval: int) -> None:
 
 
 def _ve(w: _Writer, rng: random.Random, n_train: int, n_eval: int) -> None:
-    def make(scenes: tuple[Scene, ...], kind: int) -> Claim:
-        return ve_claim(scenes[0], rng, kind)
-
     for split, n in (("train", n_train), ("dev", n_eval), ("test", n_eval)):
         records = []
         for i in range(n):
             wanted = [(rng.randrange(VE_CLAIM_KINDS), True), (rng.randrange(VE_CLAIM_KINDS), False)]
-            (scene,), (entailed, contradicted) = _labelled_statements(lambda: tuple(_scenes(rng, 1)), make, wanted)
+            [scene], [entailed, contradicted] = _labelled_statements(rng, 1, ve_claim, wanted)
             image_id = f"{split}_{i:06d}"
             w.picture("ve", image_id + ".jpg", scene)
             kwords = concepts(scene, rng)
@@ -469,16 +466,13 @@ def _ve(w: _Writer, rng: random.Random, n_train: int, n_eval: int) -> None:
 
 
 def _nlvr(w: _Writer, rng: random.Random, n_train: int, n_eval: int) -> None:
-    def make(scenes: tuple[Scene, ...], kind: int) -> Claim:
-        return nlvr_claim(scenes[0], scenes[1], rng, kind)
-
     for split, n in (("train", n_train), ("dev", n_eval), ("test", n_eval)):
         records = []
         for i in range(n):
             labels = [True, False]
             rng.shuffle(labels)
             wanted = [(rng.randrange(NLVR_CLAIM_KINDS), label) for label in labels]
-            (left, right), sentences = _labelled_statements(lambda: tuple(_scenes(rng, 2)), make, wanted)
+            [left, right], sentences = _labelled_statements(rng, 2, nlvr_claim, wanted)
             names = [f"{split}_{i:06d}_img0.jpg", f"{split}_{i:06d}_img1.jpg"]
             w.picture("nlvr", names[0], left)
             w.picture("nlvr", names[1], right)

@@ -6,6 +6,7 @@ Example: python tools/make_demo_data.py --out data/demo --seed 0 --image_size 64
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from typing import Sequence
@@ -20,13 +21,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output directory (becomes --data_dir)")
     parser.add_argument("--seed", type=int, default=0, help="same seed gives byte-identical JSON files")
     parser.add_argument("--image_size", type=int, default=64, help="side of the square pictures in pixels")
-    parser.add_argument("--num_pretrain", type=int, default=1000, help="pretraining images")
-    parser.add_argument("--num_retrieval", type=int, default=200, help="retrieval training images (5 captions each)")
-    parser.add_argument("--num_vqa", type=int, default=200, help="VQA training images (3 questions each)")
-    parser.add_argument("--num_ve", type=int, default=200, help="VE training images (3 statements each)")
-    parser.add_argument("--num_nlvr", type=int, default=600, help="NLVR training image pairs (2 statements each)")
-    parser.add_argument("--num_grounding", type=int, default=200, help="RefCOCO+ training images")
-    parser.add_argument("--num_eval", type=int, default=50, help="images (NLVR: pairs) per evaluation split")
+    sizes = {name: p.default for name, p in inspect.signature(generate).parameters.items() if name.startswith("num_")}
+    helps = {
+        "num_pretrain": "pretraining images", "num_retrieval": "retrieval training images (5 captions each)",
+        "num_vqa": "VQA training images (3 questions each)", "num_ve": "VE training images (3 statements each)",
+        "num_nlvr": "NLVR training image pairs (2 statements each)", "num_grounding": "RefCOCO+ training images",
+        "num_eval": "images (NLVR: pairs) per evaluation split",
+    }
+    for name, default in sizes.items():  # defaults live in generate() only
+        parser.add_argument(f"--{name}", type=int, default=default, help=f"{helps[name]} (default {default})")
     return parser.parse_args(argv)
 
 
