@@ -148,6 +148,25 @@ def render(scene: Scene, image_size: int) -> Image.Image:
     return img
 
 
+# Classes of the labelled pictures that stand in for ImageNet (tools/make_tiny_init.py): which shapes,
+# colours and coloured shapes a picture holds.
+SCENE_CLASSES = (*SHAPES, *COLOURS, *(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES))
+
+
+def scene_classes(scene: Scene) -> list[float]:
+    """Multi-hot over :data:`SCENE_CLASSES` for one scene."""
+    held = {obj.shape for obj in scene.objects} | {obj.colour for obj in scene.objects}
+    held |= {f"{obj.colour} {obj.shape}" for obj in scene.objects}
+    return [float(name in held) for name in SCENE_CLASSES]
+
+
+def labelled_pictures(rng: random.Random, n: int, image_size: int) -> tuple[list[Image.Image], list[list[float]]]:
+    """``n`` freshly drawn pictures and their :func:`scene_classes` labels (an endless supervised image
+    set: a ViT trained on the 1,000 corpus pictures memorises them and never learns shapes)."""
+    scenes = [sample_scene(rng) for _ in range(n)]
+    return [render(scene, image_size) for scene in scenes], [scene_classes(scene) for scene in scenes]
+
+
 # ----------------------------------------------------------------------------------------------
 # Language
 

@@ -186,6 +186,25 @@ def test_render_puts_each_colour_in_its_box():
     assert tuple(img[1, 1]) == (40, 40, 40)
 
 
+def test_scene_classes_name_exactly_the_shapes_colours_and_coloured_shapes_held():
+    scene = _scene(("circle", "red", "large", "left"), ("star", "blue", "small", "top"),
+                   ("star", "red", "small", "bottom"))
+    held = {name for name, flag in zip(syn.SCENE_CLASSES, syn.scene_classes(scene)) if flag}
+    assert held == {"circle", "star", "red", "blue", "red circle", "blue star", "red star"}
+    assert len(syn.SCENE_CLASSES) == len(set(syn.SCENE_CLASSES)) == 5 + 8 + 5 * 8
+
+
+def test_labelled_pictures_are_reproducible_and_match_their_labels():
+    pictures, labels = syn.labelled_pictures(random.Random("x"), 6, 48)
+    again, labels_again = syn.labelled_pictures(random.Random("x"), 6, 48)
+    assert labels == labels_again and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(pictures, again))
+    assert all(p.size == (48, 48) for p in pictures)
+    for picture, label in zip(pictures, labels):
+        colours = {name for name, flag in zip(syn.SCENE_CLASSES, label) if flag and name in syn.COLOURS}
+        pixels = {tuple(int(v) for v in px) for px in np.asarray(picture).reshape(-1, 3)}
+        assert colours == {name for name, rgb in syn.COLOURS.items() if rgb in pixels}, (label, colours)
+
+
 def test_claims_are_true_or_false_as_labelled():
     rng = random.Random(0)
     left = _scene(("circle", "red", "large", "left"), ("square", "blue", "small", "right"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 import torch
@@ -15,6 +16,31 @@ def test_tiny_towers_align_images_and_captions(tiny_init):
     result = tiny_init["result"]
     # In-batch image->caption accuracy over the last 100 steps, far above picking at random.
     assert result["accuracy"] > 4 * result["chance"], result
+
+
+def test_tiny_towers_classify_the_labelled_pictures_from_cls_and_mean_patch(tokenizer):
+    from dataset import synthetic
+    from dataset.transforms import build_transform
+    from tools.make_tiny_init import TinyTowers, labelled_picture_batch
+
+    torch.manual_seed(0)
+    config = demo_config("Pretrain")
+    model = TinyTowers(config).eval()
+    pictures, classes = labelled_picture_batch(random.Random(1), 3, config["image_res"],
+                                               build_transform("test", config["image_res"]))
+    assert pictures.shape == (3, 3, config["image_res"], config["image_res"])
+    assert classes.shape == (3, len(synthetic.SCENE_CLASSES)) and set(classes.unique().tolist()) <= {0.0, 1.0}
+    images = torch.randn(2, *pictures.shape[1:])
+    caption = tokenizer(["a red circle", "a blue star on the left"], padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        itc, classification, logits, class_logits = model(images, caption, pictures, classes)
+        tokens = model.visual_encoder(pictures)
+        expected_cls = model.class_head(tokens[:, 0])
+        expected = sum(torch.nn.functional.binary_cross_entropy_with_logits(model.class_head(t), classes, reduction="sum")
+                       for t in (tokens[:, 0], tokens[:, 1:].mean(1))) / 3
+    assert logits.shape == (2, 2) and torch.isfinite(itc)
+    torch.testing.assert_close(class_logits, expected_cls, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(classification, expected, atol=1e-4, rtol=1e-5)
 
 
 def test_tiny_init_loads_as_deit_and_bert_weights(tiny_init, tokenizer):

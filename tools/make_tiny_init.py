@@ -6,7 +6,12 @@ nearly identical, and ITC against the detached momentum bank has almost no gradi
 demo never learns image-text alignment (docs/DESIGN.md). This tool gives the demo what the real run
 gets from its initial weights: it trains the two unimodal towers of the tiny model (the ViT and the
 text layers of the BERT) with an in-batch image-text contrastive loss on the demo's *pretraining*
-corpus only, then writes them in the formats the real loaders read:
+corpus only. DeiT is also a supervised classifier, and the tiny ViT gets that too: its [CLS] and its
+mean patch token classify an endless stream of freshly drawn labelled pictures
+(`synthetic.labelled_pictures`: which shapes, colours and coloured shapes each holds). Trained on the
+1,000 corpus pictures alone, the ViT encoded colours but no shape (a linear probe of "holds a <shape>"
+scored the majority class) and memorised rather than learnt shapes when given them as labels there.
+The towers are written in the formats the real loaders read:
 
   <out>/vit.pth        {'model': ViT state_dict} in DeiT/timm names  -> config `deit_checkpoint`
   <out>/bert/          config.json, pytorch_model.bin, vocab.txt     -> `--text_encoder` (init_bert)
@@ -20,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -33,6 +39,7 @@ from torch import nn  # noqa: E402
 
 import utils  # noqa: E402
 from dataset import resolve_paths  # noqa: E402
+from dataset import synthetic  # noqa: E402
 from dataset.pretrain_dataset import PretrainDataset  # noqa: E402
 from dataset.transforms import build_transform  # noqa: E402
 from engine.config import load_config  # noqa: E402
@@ -44,7 +51,8 @@ from models.tokenization import build_tokenizer  # noqa: E402
 
 
 class TinyTowers(nn.Module):
-    """ViT + BERT text layers + linear projections, scored by a learnable logit scale (CLIP)."""
+    """ViT + BERT text layers + linear projections, scored by a learnable logit scale (CLIP), and a
+    multi-label classification head for the labelled pictures."""
 
     def __init__(self, config: dict) -> None:
         super().__init__()
@@ -54,24 +62,48 @@ class TinyTowers(nn.Module):
         self.vision_proj = nn.Linear(config["vision_width"], config["embed_dim"])
         self.text_proj = nn.Linear(bert_config.hidden_size, config["embed_dim"])
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.class_head = nn.Linear(config["vision_width"], len(synthetic.SCENE_CLASSES))
 
-    def forward(self, image: torch.Tensor, caption) -> tuple[torch.Tensor, torch.Tensor]:
-        """Symmetric in-batch contrastive loss and the (B, B) image-to-text logits."""
-        image_feat = F.normalize(self.vision_proj(self.visual_encoder(image)[:, 0]), dim=-1)
+    def forward(self, image: torch.Tensor, caption, pictures: torch.Tensor,
+                classes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """In-batch contrastive loss of (image, caption), multi-label classification loss of
+        (pictures, classes), the (B, B) image-to-text logits and the pictures' class logits. One ViT
+        pass for both image sets."""
+        tokens = self.visual_encoder(torch.cat([image, pictures]))
+        image_cls, picture_tokens = tokens[: len(image), 0], tokens[len(image):]
+        # The [CLS] and the mean patch token both classify: the fusion layers read the patch tokens.
+        class_logits = self.class_head(picture_tokens[:, 0])
+        patch_logits = self.class_head(picture_tokens[:, 1:].mean(1))
+        classification = (F.binary_cross_entropy_with_logits(class_logits, classes, reduction="sum")
+                          + F.binary_cross_entropy_with_logits(patch_logits, classes, reduction="sum")) / len(pictures)
+        image_feat = F.normalize(self.vision_proj(image_cls), dim=-1)
         text = self.text_encoder.bert(caption.input_ids, caption.attention_mask, mode="text").last_hidden_state
         text_feat = F.normalize(self.text_proj(text[:, 0]), dim=-1)
         logits = self.logit_scale.exp().clamp(max=100.0) * image_feat @ text_feat.t()
         targets = torch.eye(len(logits), device=logits.device)  # the ITC loss with in-batch positives only
-        return losses.contrastive_loss(logits, logits.t(), targets, targets), logits
+        return losses.contrastive_loss(logits, logits.t(), targets, targets), classification, logits, class_logits
 
 
-def train_tiny_towers(config_path: str, data_dir: str, out_dir: str, tokenizer_dir: str, steps: int = 500,
+# P(a picture holds no <shape>) for 1-3 objects of 5 equally likely shapes: answering "no" scores this.
+SHAPE_MAJORITY = sum((1 - 1 / len(synthetic.SHAPES)) ** n for n in (1, 2, 3)) / 3
+
+
+def labelled_picture_batch(rng: random.Random, n: int, image_res: int, transform) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` fresh labelled pictures as model input (n, 3, H, W) and multi-hot classes (n, C)."""
+    pictures, classes = synthetic.labelled_pictures(rng, n, image_res)
+    return torch.stack([transform(picture) for picture in pictures]), torch.tensor(classes)
+
+
+def train_tiny_towers(config_path: str, data_dir: str, out_dir: str, tokenizer_dir: str, steps: int = 1000,
                       batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log_every: int = 50,
-                      data_json_dir: str | None = None) -> dict:
+                      data_json_dir: str | None = None, class_weight: float = 1.0) -> dict:
     """Train the towers on ``config['train_file']`` (relative to ``data_json_dir``, default
     ``<data_dir>/json_pretrain``, as Pretrain.py) and write them to ``out_dir``.
 
-    Returns {'loss': final-window mean loss, 'accuracy': final-window in-batch i2t accuracy, ...}.
+    Each step also classifies ``batch_size`` freshly drawn labelled pictures (weight ``class_weight``).
+    Returns {'loss': final-window mean contrastive loss, 'accuracy': final-window in-batch i2t accuracy,
+    'classification_loss', 'shape_accuracy': final-window accuracy of "holds a <shape>" on the fresh
+    pictures (before the step that learns from them), 'shape_majority': that of always answering no, ...}.
     """
     config = resolve_paths("Pretrain", load_config(config_path), data_dir,
                            data_json_dir or os.path.join(data_dir, "json_pretrain"))
@@ -82,13 +114,15 @@ def train_tiny_towers(config_path: str, data_dir: str, out_dir: str, tokenizer_d
     utils.seed_everything(seed)
     tokenizer = build_tokenizer(tokenizer_dir)
     # No augmentation: the towers only need distinct, meaningful [CLS] features, quickly.
-    dataset = PretrainDataset(train_files, build_transform("test", config["image_res"]), data_dir,
+    transform = build_transform("test", config["image_res"])
+    dataset = PretrainDataset(train_files, transform, data_dir,
                               sep_token=config.get("sep_token", True))
     generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                                          generator=generator, num_workers=0,
                                          collate_fn=TokenizingCollate(tokenizer, 1, (CAPTION, None)))  # VCs unused
     model = TinyTowers(config)
+    picture_rng = random.Random(f"tiny-init-pictures/{seed}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.02)
     warmup = max(1, steps // 15)
     step, window, start = 0, [], time.time()
@@ -98,24 +132,34 @@ def train_tiny_towers(config_path: str, data_dir: str, out_dir: str, tokenizer_d
             scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
             for group in optimizer.param_groups:
                 group["lr"] = lr * scale
-            loss, logits = model(image, caption)
+            pictures, classes = labelled_picture_batch(picture_rng, batch_size, config["image_res"], transform)
+            itc, classification, logits, class_logits = model(image, caption, pictures, classes)
+            loss = itc + class_weight * classification
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             accuracy = (logits.argmax(1) == torch.arange(len(logits), device=logits.device)).float().mean()
-            window.append(torch.stack([loss.detach(), accuracy]))  # read back only when logging
+            # shape classes of pictures the model has not seen before this step
+            shapes = slice(0, len(synthetic.SHAPES))
+            shape_accuracy = ((class_logits[:, shapes] > 0) == (classes[:, shapes] > 0.5)).float().mean()
+            # read back only when logging
+            window.append(torch.stack([itc.detach(), classification.detach(), accuracy, shape_accuracy]))
             step += 1
             if step % log_every == 0 or step == steps:
-                mean_loss, mean_acc = torch.stack(window[-log_every:]).mean(0).tolist()
+                mean_loss, mean_class_loss, mean_acc, mean_shape_acc = torch.stack(window[-log_every:]).mean(0).tolist()
                 window = []
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"tiny-init loss is {mean_loss} in steps {step - log_every + 1}-{step}")
+                if not (math.isfinite(mean_loss) and math.isfinite(mean_class_loss)):
+                    raise FloatingPointError(f"tiny-init loss is {mean_loss} (classification {mean_class_loss}) "
+                                             f"in steps {step - log_every + 1}-{step}")
                 print(f"[tiny init] step {step}/{steps}  loss {mean_loss:.3f}  in-batch i2t acc {mean_acc:.3f} "
-                      f"(chance {1 / batch_size:.3f})  {time.time() - start:.0f}s", flush=True)
+                      f"(chance {1 / batch_size:.3f})  classification {mean_class_loss:.3f}  new pictures' shape "
+                      f"accuracy {mean_shape_acc:.3f} (majority {SHAPE_MAJORITY:.3f})  {time.time() - start:.0f}s",
+                      flush=True)
             if step >= steps:
                 break
     write_towers(model, config, tokenizer_dir, out_dir)
-    return {"loss": mean_loss, "accuracy": mean_acc, "chance": 1 / batch_size, "steps": steps,
+    return {"loss": mean_loss, "accuracy": mean_acc, "chance": 1 / batch_size, "classification_loss": mean_class_loss,
+            "shape_accuracy": mean_shape_acc, "shape_majority": SHAPE_MAJORITY, "steps": steps,
             "seconds": time.time() - start}
 
 
@@ -136,10 +180,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data_json_dir", default=None, help="annotation folder (default: <data_dir>/json_pretrain)")
     parser.add_argument("--config", default="configs/demo/Pretrain.yaml", help="model sizes and train_file")
     parser.add_argument("--tokenizer", default=None, help="vocabulary folder (default: <data_dir>/tokenizer)")
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--class_weight", type=float, default=1.0,
+                        help="weight of the labelled-picture classification loss (0: contrastive only)")
     return parser.parse_args(argv)
 
 
@@ -148,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tokenizer_dir = args.tokenizer or os.path.join(args.data_dir, "tokenizer")
     result = train_tiny_towers(args.config, args.data_dir, args.out, tokenizer_dir, steps=args.steps,
                                batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                               data_json_dir=args.data_json_dir)
+                               data_json_dir=args.data_json_dir, class_weight=args.class_weight)
     print(f"[tiny init] wrote {args.out}/vit.pth and {args.out}/bert/ ({json.dumps(result)})")
     return result
 
