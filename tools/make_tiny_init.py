@@ -84,6 +84,7 @@ class TinyTowers(nn.Module):
         return losses.contrastive_loss(logits, logits.t(), targets, targets), classification, logits, class_logits
 
 
+SHAPE_CLASSES = slice(0, len(synthetic.SHAPES))  # SCENE_CLASSES lists the shapes first
 # P(a picture holds no <shape>) for 1-3 objects of 5 equally likely shapes: answering "no" scores this.
 SHAPE_MAJORITY = sum((1 - 1 / len(synthetic.SHAPES)) ** n for n in (1, 2, 3)) / 3
 
@@ -139,9 +140,8 @@ def train_tiny_towers(config_path: str, data_dir: str, out_dir: str, tokenizer_d
             loss.backward()
             optimizer.step()
             accuracy = (logits.argmax(1) == torch.arange(len(logits), device=logits.device)).float().mean()
-            # shape classes of pictures the model has not seen before this step
-            shapes = slice(0, len(synthetic.SHAPES))
-            shape_accuracy = ((class_logits[:, shapes] > 0) == (classes[:, shapes] > 0.5)).float().mean()
+            # "holds a <shape>" on pictures the model had not seen before this step
+            shape_accuracy = ((class_logits[:, SHAPE_CLASSES] > 0) == (classes[:, SHAPE_CLASSES] > 0.5)).float().mean()
             # read back only when logging
             window.append(torch.stack([itc.detach(), classification.detach(), accuracy, shape_accuracy]))
             step += 1
