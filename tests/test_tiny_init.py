@@ -36,8 +36,8 @@ def test_tiny_towers_classify_the_labelled_pictures_from_cls_and_mean_patch(toke
         itc, classification, logits, class_logits = model(images, caption, pictures, classes)
         tokens = model.visual_encoder(pictures)
         expected_cls = model.class_head(tokens[:, 0])
-        expected = sum(torch.nn.functional.binary_cross_entropy_with_logits(model.class_head(t), classes, reduction="sum")
-                       for t in (tokens[:, 0], tokens[:, 1:].mean(1))) / 3
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        expected = sum(bce(model.class_head(t), classes, reduction="sum") for t in (tokens[:, 0], tokens[:, 1:].mean(1))) / 3
     assert logits.shape == (2, 2) and torch.isfinite(itc)
     torch.testing.assert_close(class_logits, expected_cls, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(classification, expected, atol=1e-4, rtol=1e-5)

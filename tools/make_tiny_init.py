@@ -85,8 +85,6 @@ class TinyTowers(nn.Module):
 
 
 SHAPE_CLASSES = slice(0, len(synthetic.SHAPES))  # SCENE_CLASSES lists the shapes first
-# P(a picture holds no <shape>) for 1-3 objects of 5 equally likely shapes: answering "no" scores this.
-SHAPE_MAJORITY = sum((1 - 1 / len(synthetic.SHAPES)) ** n for n in (1, 2, 3)) / 3
 
 
 def labelled_picture_batch(rng: random.Random, n: int, image_res: int, transform) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +102,8 @@ def train_tiny_towers(config_path: str, data_dir: str, out_dir: str, tokenizer_d
     Each step also classifies ``batch_size`` freshly drawn labelled pictures (weight ``class_weight``).
     Returns {'loss': final-window mean contrastive loss, 'accuracy': final-window in-batch i2t accuracy,
     'classification_loss', 'shape_accuracy': final-window accuracy of "holds a <shape>" on the fresh
-    pictures (before the step that learns from them), 'shape_majority': that of always answering no, ...}.
+    pictures (before the step that learns from them), 'shape_always_no': that of answering no to every
+    shape, ...}.
     """
     config = resolve_paths("Pretrain", load_config(config_path), data_dir,
                            data_json_dir or os.path.join(data_dir, "json_pretrain"))
@@ -141,25 +140,28 @@ def train_tiny_towers(config_path: str, data_dir: str, out_dir: str, tokenizer_d
             optimizer.step()
             accuracy = (logits.argmax(1) == torch.arange(len(logits), device=logits.device)).float().mean()
             # "holds a <shape>" on pictures the model had not seen before this step
-            shape_accuracy = ((class_logits[:, SHAPE_CLASSES] > 0) == (classes[:, SHAPE_CLASSES] > 0.5)).float().mean()
+            held_shapes = classes[:, SHAPE_CLASSES] > 0.5
+            shape_accuracy = ((class_logits[:, SHAPE_CLASSES] > 0) == held_shapes).float().mean()
+            always_no = 1.0 - held_shapes.float().mean()  # the accuracy of answering "no" to every shape
             # read back only when logging
-            window.append(torch.stack([itc.detach(), classification.detach(), accuracy, shape_accuracy]))
+            window.append(torch.stack([itc.detach(), classification.detach(), accuracy, shape_accuracy, always_no]))
             step += 1
             if step % log_every == 0 or step == steps:
-                mean_loss, mean_class_loss, mean_acc, mean_shape_acc = torch.stack(window[-log_every:]).mean(0).tolist()
+                mean_loss, mean_class_loss, mean_acc, mean_shape_acc, mean_always_no = \
+                    torch.stack(window[-log_every:]).mean(0).tolist()
                 window = []
                 if not (math.isfinite(mean_loss) and math.isfinite(mean_class_loss)):
                     raise FloatingPointError(f"tiny-init loss is {mean_loss} (classification {mean_class_loss}) "
                                              f"in steps {step - log_every + 1}-{step}")
                 print(f"[tiny init] step {step}/{steps}  loss {mean_loss:.3f}  in-batch i2t acc {mean_acc:.3f} "
                       f"(chance {1 / batch_size:.3f})  classification {mean_class_loss:.3f}  new pictures' shape "
-                      f"accuracy {mean_shape_acc:.3f} (majority {SHAPE_MAJORITY:.3f})  {time.time() - start:.0f}s",
+                      f"accuracy {mean_shape_acc:.3f} (always no {mean_always_no:.3f})  {time.time() - start:.0f}s",
                       flush=True)
             if step >= steps:
                 break
     write_towers(model, config, tokenizer_dir, out_dir)
     return {"loss": mean_loss, "accuracy": mean_acc, "chance": 1 / batch_size, "classification_loss": mean_class_loss,
-            "shape_accuracy": mean_shape_acc, "shape_majority": SHAPE_MAJORITY, "steps": steps,
+            "shape_accuracy": mean_shape_acc, "shape_always_no": mean_always_no, "steps": steps,
             "seconds": time.time() - start}
 
 
