@@ -9,9 +9,16 @@ stamp="$venv/.requirements.sha256"
 want="$(sha256sum "$requirements" | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+  # torch's CUDA build makes the venv ~5.9 GB: say so up front instead of failing mid-install.
+  parent="$(dirname "$venv")"; mkdir -p "$parent"
+  free_kb="$(df -Pk "$parent" | awk 'NR==2 {print $4}')"
+  if [ "${free_kb:-0}" -lt $((6500 * 1024)) ]; then
+    echo "[env] error: creating $venv needs about 6.5 GB free on $parent, only $((free_kb / 1024)) MB left" >&2
+    exit 1
+  fi
   echo "[env] creating $venv with $python (a few minutes the first time)"
   "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+  "$venv/bin/python" -m pip install --quiet --no-cache-dir --disable-pip-version-check -r "$requirements"
   echo "$want" > "$stamp"
 fi
 PY="$venv/bin/python"
