@@ -56,7 +56,8 @@ def tiny_model(task: str, tokenizer, device: torch.device) -> nn.Module:
 
 
 def make_batch(tokenizer, device: torch.device):
-    image = torch.randn(len(CAPTIONS), 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    res = tiny_config("Pretrain")["image_res"]
+    image = torch.randn(len(CAPTIONS), 3, res, res, generator=torch.Generator().manual_seed(1))
     caption, vc = tokenizer(CAPTIONS, max_length=25), tokenizer(CONCEPTS, max_length=55)
     return image.to(device), caption.to(device), vc.to(device)
 
@@ -119,7 +120,8 @@ def check_retrieval_ranks(tokenizer, device: torch.device, k_test: int = 8) -> d
     model = tiny_model("retrieval", tokenizer, device).eval()
     generator = torch.Generator().manual_seed(2)
     num_images, texts = 24, [f"{c} number {i}" for i in range(10) for c in CAPTIONS]
-    images = torch.randn(num_images, 3, 64, 64, generator=generator).to(device)
+    res = tiny_config("Retrieval")["image_res"]
+    images = torch.randn(num_images, 3, res, res, generator=generator).to(device)
     vc = tokenizer([CONCEPTS[i % len(CONCEPTS)] for i in range(num_images)], max_length=55).to(device)
     text_batch = tokenizer(texts, max_length=30).to(device)
     result = {}
