@@ -9,10 +9,10 @@ stamp="$venv/.requirements.sha256"
 want="$(sha256sum "$requirements" | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python="${PYTHON:-$(command -v python3.11 || command -v python3)}"
-  # torch's CUDA build makes the venv ~5.9 GB: say so up front instead of failing mid-install.
+  # torch's CUDA build makes a new venv ~5.9 GB: say so up front instead of failing mid-install.
   parent="$(dirname "$venv")"; mkdir -p "$parent"
   free_kb="$(df -Pk "$parent" | awk 'NR==2 {print $4}')"
-  if [ "${free_kb:-0}" -lt $((6500 * 1024)) ]; then
+  if [ ! -x "$venv/bin/python" ] && [ "${free_kb:-0}" -lt $((6500 * 1024)) ]; then
     echo "[env] error: creating $venv needs about 6.5 GB free on $parent, only $((free_kb / 1024)) MB left" >&2
     exit 1
   fi
