@@ -71,11 +71,12 @@ class TinyTowers(nn.Module):
         pass for both image sets."""
         tokens = self.visual_encoder(torch.cat([image, pictures]))
         image_cls, picture_tokens = tokens[: len(image), 0], tokens[len(image):]
-        # The [CLS] and the mean patch token both classify: the fusion layers read the patch tokens.
-        class_logits = self.class_head(picture_tokens[:, 0])
-        patch_logits = self.class_head(picture_tokens[:, 1:].mean(1))
-        classification = (F.binary_cross_entropy_with_logits(class_logits, classes, reduction="sum")
-                          + F.binary_cross_entropy_with_logits(patch_logits, classes, reduction="sum")) / len(pictures)
+        # The [CLS] and the mean patch token both classify (the fusion layers read the patch tokens):
+        # one head call over (2, n, width).
+        both_logits = self.class_head(torch.stack([picture_tokens[:, 0], picture_tokens[:, 1:].mean(1)]))
+        classification = F.binary_cross_entropy_with_logits(both_logits, classes.expand_as(both_logits),
+                                                            reduction="sum") / len(pictures)
+        class_logits = both_logits[0]
         image_feat = F.normalize(self.vision_proj(image_cls), dim=-1)
         text = self.text_encoder.bert(caption.input_ids, caption.attention_mask, mode="text").last_hidden_state
         text_feat = F.normalize(self.text_proj(text[:, 0]), dim=-1)
