@@ -210,6 +210,7 @@ def test_claims_are_true_or_false_as_labelled():
     rng = random.Random(0)
     left = _scene(("circle", "red", "large", "left"), ("square", "blue", "small", "right"))
     right = _scene(("circle", "green", "small", "middle"))
+    seen_nlvr: set[str] = set()
     for _ in range(200):
         text, truth = syn.ve_claim(left, rng)
         if text == "there is a large red circle" or text == "there is no triangle":
@@ -217,11 +218,14 @@ def test_claims_are_true_or_false_as_labelled():
         if text in ("there is a small red circle", "there is no square", "the number of shapes is one"):
             assert not truth
         text, truth = syn.nlvr_claim(left, right, rng)
-        if text in ("both images contain a circle", "there are three shapes in total",
-                    "the left image has more shapes than the right image", "only one image contains a red shape"):
+        if text in ("the left image contains a blue shape", "the right image contains a green shape",
+                    "only one image contains a red shape"):
             assert truth
-        if text in ("both images contain a square", "the right image contains a red circle"):
+        if text in ("the right image contains a red shape", "both images contain a red shape",
+                    "both images contain a green shape", "only one image contains a purple shape"):
             assert not truth
+        seen_nlvr.add(text)
+    assert {"only one image contains a red shape", "both images contain a red shape"} <= seen_nlvr
     question = {syn.vqa_question(left, rng)[:2] for _ in range(300)}
     assert ("how many shapes are there?", "two") in question
     assert ("what color is the circle on the left?", "red") in question

@@ -484,11 +484,12 @@ def test_text_assignment_then_nlvr_then_evaluate(demo_data, pretrain_checkpoint,
     records, last = _log(out)
     assert list(records[0]) == ["train_lr", "train_loss", "val_acc", "test_acc", "epoch"]
     best = max(records, key=lambda r: float(r["val_acc"]))
-    # Chance is 1/2. Issue 3 is open on NLVR: the demo (600 pairs, 10-epoch text assignment) reaches
-    # best val 0.62, test 0.71 (the statements about shapes stay at chance, docs/DESIGN.md), and 96
-    # training pairs with a 2-epoch text assignment do not learn in the time a test has. What is
-    # asserted here is that it trains (the loss falls) and that the protocol around it holds; the
-    # model's use of both pictures is checked by test_nlvr_learns_a_label_that_needs_both_images.
+    # Chance is 1/2. The demo (1,200 pairs after a 10-epoch text assignment on the 12-epoch demo
+    # pretraining) reaches best val 0.80, test 0.86, but from this fixture's weaker pretraining (ITM loss
+    # still 0.56) neither the text assignment nor NLVR learns in the time a test has (docs/DESIGN.md,
+    # Known gaps). What is asserted here is that it trains (the loss falls) and that the protocol
+    # around it holds; the model's use of both pictures is checked by
+    # test_nlvr_learns_a_label_that_needs_both_images.
     assert float(records[-1]["train_loss"]) < float(records[0]["train_loss"]) - 0.01, records
     assert last == f"best epoch: {best['epoch']}"
 
