@@ -1,0 +1,69 @@
+"""tools/demo_summary.py: the best epoch of each demo task, from logs in each script's format."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tools.demo_summary import format_summary, summarize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write_log(root, task: str, records: list[dict], tail: str = "") -> None:
+    folder = root / task
+    folder.mkdir(parents=True)
+    lines = [json.dumps(record) for record in records] + ([tail] if tail else [])
+    (folder / "log.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture()
+def demo_logs(tmp_path):
+    # VE / NLVR log accuracies as 4-decimal strings and end with 'best epoch: N' (the original's format)
+    _write_log(tmp_path, "nlvr", [
+        {"train_lr": "0.0002", "train_loss": "0.65", "val_acc": "0.6300", "test_acc": "0.7300", "epoch": 0},
+        {"train_lr": "0.0001", "train_loss": "0.60", "val_acc": "0.8000", "test_acc": "0.8600", "epoch": 1},
+        {"train_lr": "0.0000", "train_loss": "0.55", "val_acc": "0.8000", "test_acc": "0.9000", "epoch": 2},
+    ], tail="best epoch: 1")
+    # VQA: only the last epoch carries the accuracy
+    _write_log(tmp_path, "vqa", [{"train_lr": "0.001", "train_loss": "2.1", "epoch": 0},
+                                 {"train_lr": "0.000", "train_loss": "1.2", "test_vqa_acc": 41.5, "epoch": 1}])
+    _write_log(tmp_path, "grounding", [
+        {"train_lr": "0.001", "val_d": 0.40, "testA_d": 0.5, "testB_d": 0.45, "epoch": 0},
+        {"train_lr": "0.000", "val_d": 0.35, "testA_d": 0.6, "testB_d": 0.55, "epoch": 1},
+    ])
+    return tmp_path
+
+
+def test_best_epoch_of_each_task(demo_logs):
+    summary = summarize(str(demo_logs))
+    assert list(summary) == ["vqa", "nlvr", "grounding"]  # TASKS order; tasks without a log are skipped
+    # ties keep the first best epoch, as the original's 'best epoch' (strict >)
+    assert summary["nlvr"] == {"epoch": 1, "val_acc": 0.8, "test_acc": 0.86}
+    assert summary["vqa"] == {"epoch": 1, "test_vqa_acc": 41.5}
+    assert summary["grounding"] == {"epoch": 0, "val_d": 0.4, "testA_d": 0.5, "testB_d": 0.45}
+    text = format_summary(summary)
+    assert "[demo] nlvr      epoch 1: val_acc 0.8  test_acc 0.86  (chance 0.50)" in text.splitlines()
+
+
+def test_named_tasks_must_have_logs_and_be_known(demo_logs):
+    with pytest.raises(FileNotFoundError, match=r"ve/log.txt not found: run the ve demo first"):
+        summarize(str(demo_logs), ["nlvr", "ve"])
+    with pytest.raises(ValueError, match="unknown demo task 'nlrv'"):
+        summarize(str(demo_logs), ["nlrv"])
+    _write_log(demo_logs, "ve", [{"train_lr": "0.0002", "train_loss": "1.0", "epoch": 0}])
+    with pytest.raises(ValueError, match=r"ve/log.txt: no epoch logged 'val_acc'"):
+        summarize(str(demo_logs), ["ve"])
+
+
+def test_command_line(demo_logs, tmp_path_factory):
+    run = [sys.executable, os.path.join(REPO, "tools", "demo_summary.py")]
+    done = subprocess.run(run + [str(demo_logs), "--tasks", "vqa"], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == ["[demo] vqa       epoch 1: test_vqa_acc 41.5  (chance below 15: always the most frequent answer)"]
+    empty = tmp_path_factory.mktemp("empty")
+    failed = subprocess.run(run + [str(empty)], capture_output=True, text=True)
+    assert failed.returncode == 1 and f"no demo task logs under {empty}" in failed.stderr

@@ -1,0 +1,84 @@
+"""One line per demo task: the metric of its best epoch, read from each script's ``log.txt``.
+
+Used by ``tools/run_demo_tasks.sh`` after the downstream demo runs; also usable on any output folder
+laid out as ``<out>/{retrieval,ve,vqa,nlvr,grounding}/log.txt``.
+
+Example: python tools/demo_summary.py output/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+# task folder -> (metric that picks the best epoch, metrics printed, chance level as text)
+TASKS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "retrieval": ("val_r_mean", ("test_txt_r1", "test_img_r1", "test_r_mean"), "R@1 2.0 (50 test images)"),
+    "ve": ("val_acc", ("val_acc", "test_acc"), "0.33"),
+    "vqa": ("test_vqa_acc", ("test_vqa_acc",), "below 15: always the most frequent answer"),
+    "nlvr": ("val_acc", ("val_acc", "test_acc"), "0.50"),
+    "grounding": ("val_d", ("val_d", "testA_d", "testB_d"), "random proposal ~0.22"),
+}
+
+
+def read_records(log_path: str) -> list[dict]:
+    """The JSON lines of a ``log.txt`` (other lines, e.g. 'best epoch: 3', are skipped)."""
+    with open(log_path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.startswith("{")]
+
+
+def best_record(records: list[dict], metric: str) -> dict:
+    """The first record with the highest ``metric`` (values may be strings, as VE/NLVR log them);
+    records without the metric are ignored."""
+    scored = [r for r in records if metric in r]
+    if not scored:
+        raise ValueError(f"no epoch logged '{metric}'")
+    return max(scored, key=lambda r: float(r[metric]))
+
+
+def summarize(out_dir: str, tasks: Optional[Sequence[str]] = None) -> dict[str, dict]:
+    """{task: {'epoch': ..., metric: value, ...}} for every task whose ``<out_dir>/<task>/log.txt``
+    exists (all of ``TASKS`` when ``tasks`` is None; a named task without a log is an error)."""
+    summary: dict[str, dict] = {}
+    for task in tasks or TASKS:
+        if task not in TASKS:
+            raise ValueError(f"unknown demo task '{task}'; known: {', '.join(TASKS)}")
+        log_path = os.path.join(out_dir, task, "log.txt")
+        if not os.path.isfile(log_path):
+            if tasks:
+                raise FileNotFoundError(f"{log_path} not found: run the {task} demo first")
+            continue
+        select, shown, _ = TASKS[task]
+        try:
+            best = best_record(read_records(log_path), select)
+        except ValueError as error:
+            raise ValueError(f"{log_path}: {error}") from None
+        summary[task] = {"epoch": best.get("epoch"), **{name: float(best[name]) for name in shown}}
+    return summary
+
+
+def format_summary(summary: dict[str, dict]) -> str:
+    lines = []
+    for task, values in summary.items():
+        metrics = "  ".join(f"{name} {value:.4g}" for name, value in values.items() if name != "epoch")
+        lines.append(f"[demo] {task:<9} epoch {values['epoch']}: {metrics}  (chance {TASKS[task][2]})")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", help="the demo output folder (run_demo.sh: output/demo)")
+    parser.add_argument("--tasks", nargs="*", default=None, help=f"subset of {', '.join(TASKS)}")
+    args = parser.parse_args(argv)
+    summary = summarize(args.out_dir, args.tasks)
+    if not summary:
+        sys.exit(f"no demo task logs under {args.out_dir}")
+    print(format_summary(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
