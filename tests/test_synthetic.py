@@ -226,6 +226,10 @@ def test_claims_are_true_or_false_as_labelled():
             assert not truth
         seen_nlvr.add(text)
     assert {"only one image contains a red shape", "both images contain a red shape"} <= seen_nlvr
+    also_red = _scene(("star", "red", "small", "top"))  # red on both sides now
+    claims = dict(syn.nlvr_claim(left, also_red, rng, kind) for kind in (1, 2) for _ in range(100))
+    assert claims["both images contain a red shape"] and not claims["only one image contains a red shape"]
+    assert not claims["both images contain a blue shape"] and claims["only one image contains a blue shape"]
     question = {syn.vqa_question(left, rng)[:2] for _ in range(300)}
     assert ("how many shapes are there?", "two") in question
     assert ("what color is the circle on the left?", "red") in question
