@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create the project's virtual environment (.venv, or $VICHA_VENV) if it is missing or stale.
-# Sourced by run_demo.sh and run_tests.sh; afterwards $PY is the environment's python.
+# Sourced by run_tests.sh and scripts/demo_env.sh (the demo scripts); afterwards $PY is the environment's python.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${VICHA_VENV:-$repo/.venv}"

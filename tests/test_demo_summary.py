@@ -29,6 +29,10 @@ def demo_logs(tmp_path):
         {"train_lr": "0.0001", "train_loss": "0.60", "val_acc": "0.8000", "test_acc": "0.8600", "epoch": 1},
         {"train_lr": "0.0000", "train_loss": "0.55", "val_acc": "0.8000", "test_acc": "0.9000", "epoch": 2},
     ], tail="best epoch: 1")
+    # Retrieval (run_demo.sh): the best val_r_mean picks the epoch whose test recalls are shown
+    recalls = {f"test_{side}_r{k}": 10.0 * k for side in ("txt", "img") for k in (1, 5, 10)}
+    _write_log(tmp_path, "retrieval", [{"val_r_mean": 50.0, **recalls, "epoch": 0},
+                                       {"val_r_mean": 40.0, **{k: v + 1 for k, v in recalls.items()}, "epoch": 1}])
     # VQA: only the last epoch carries the accuracy
     _write_log(tmp_path, "vqa", [{"train_lr": "0.001", "train_loss": "2.1", "epoch": 0},
                                  {"train_lr": "0.000", "train_loss": "1.2", "test_vqa_acc": 41.5, "epoch": 1}])
@@ -41,7 +45,9 @@ def demo_logs(tmp_path):
 
 def test_best_epoch_of_each_task(demo_logs):
     summary = summarize(str(demo_logs))
-    assert list(summary) == ["vqa", "nlvr", "grounding"]  # TASKS order; tasks without a log are skipped
+    assert list(summary) == ["retrieval", "vqa", "nlvr", "grounding"]  # TASKS order; no VE log: skipped
+    assert summary["retrieval"] == {"epoch": 0, "test_txt_r1": 10.0, "test_txt_r5": 50.0, "test_txt_r10": 100.0,
+                                    "test_img_r1": 10.0, "test_img_r5": 50.0, "test_img_r10": 100.0}
     # ties keep the first best epoch, as the original's 'best epoch' (strict >)
     assert summary["nlvr"] == {"epoch": 1, "val_acc": 0.8, "test_acc": 0.86}
     assert summary["vqa"] == {"epoch": 1, "test_vqa_acc": 41.5}

@@ -1,7 +1,7 @@
 """One line per demo task: the metric of its best epoch, read from each script's ``log.txt``.
 
-Used by ``tools/run_demo_tasks.sh`` after the downstream demo runs; also usable on any output folder
-laid out as ``<out>/{retrieval,ve,vqa,nlvr,grounding}/log.txt``.
+Used by ``run_demo.sh`` (retrieval) and ``tools/run_demo_tasks.sh`` (the other tasks); also usable
+on any output folder laid out as ``<out>/{retrieval,ve,vqa,nlvr,grounding}/log.txt``.
 
 Example: python tools/demo_summary.py output/demo
 """
@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 
 # task folder -> (metric that picks the best epoch, metrics printed, chance level as text)
 TASKS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "retrieval": ("val_r_mean", ("test_txt_r1", "test_img_r1", "test_r_mean"), "R@1 2.0 (50 test images)"),
+    "retrieval": ("val_r_mean", tuple(f"test_{side}_r{k}" for side in ("txt", "img") for k in (1, 5, 10)),
+                  "R@1 2.0 both ways: 50 test images, 5 captions each"),
     "ve": ("val_acc", ("val_acc", "test_acc"), "0.33"),
     "vqa": ("test_vqa_acc", ("test_vqa_acc",), "below 15: always the most frequent answer"),
     "nlvr": ("val_acc", ("val_acc", "test_acc"), "0.50"),

@@ -5,10 +5,7 @@
 # Usage: bash tools/run_demo_tasks.sh [ve] [vqa] [nlvr] [grounding]   (default: all four, ~15 min on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/ensure_env.sh
-export HF_HUB_OFFLINE=1
-data=data/demo
-out=${OUTPUT_DIR:-output/demo}
+source scripts/demo_env.sh
 pretrained="$out/pretrain/checkpoint_last.pth"
 tasks=("$@")
 [ ${#tasks[@]} -gt 0 ] || tasks=(ve vqa nlvr grounding)
