@@ -93,3 +93,18 @@ def tokenizer(demo_data):
     from models.tokenization import build_tokenizer
 
     return build_tokenizer(os.path.join(demo_data, "tokenizer"))
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (the whole demo at its real size, ~25 min on 2 cores)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``slow`` are skipped unless ``--run-slow`` is given (they exceed the suite's budget)."""
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

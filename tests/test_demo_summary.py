@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tools.demo_summary import format_summary, summarize
+from tools.demo_summary import FLOORS, TASKS, below_floors, format_summary, summarize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,3 +73,29 @@ def test_command_line(demo_logs, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty")
     failed = subprocess.run(run + [str(empty)], capture_output=True, text=True)
     assert failed.returncode == 1 and f"no demo task logs under {empty}" in failed.stderr
+
+
+def test_floors_are_printed_metrics_above_chance():
+    for task, floors in FLOORS.items():
+        assert set(floors) <= set(TASKS[task][1]), task
+    # far above chance: retrieval R@1 2.0, VE 1/3, VQA's most frequent answer 8.9, NLVR 1/2, grounding ~0.22
+    assert min(FLOORS["retrieval"].values()) >= 15 * 2.0 and min(FLOORS["ve"].values()) >= 0.6
+    assert FLOORS["vqa"]["test_vqa_acc"] >= 2.5 * 8.9 and min(FLOORS["nlvr"].values()) >= 0.7
+    assert min(FLOORS["grounding"].values()) >= 2 * 0.22
+
+
+def test_check_names_each_metric_below_its_floor(demo_logs):
+    summary = summarize(str(demo_logs))
+    # retrieval R@1 10 / 10 and grounding val 0.40 / testA 0.5 / testB 0.45 (best epoch 0); nlvr, vqa pass
+    assert below_floors(summary) == ["retrieval test_txt_r1 10 < 30", "retrieval test_img_r1 10 < 30",
+                                     "grounding val_d 0.4 < 0.45"]
+    assert below_floors({"nlvr": summary["nlvr"], "vqa": summary["vqa"]}) == []
+
+
+def test_check_flag_sets_the_exit_status(demo_logs):
+    run = [sys.executable, os.path.join(REPO, "tools", "demo_summary.py"), str(demo_logs), "--check"]
+    passed = subprocess.run(run + ["--tasks", "nlvr", "vqa"], capture_output=True, text=True)
+    assert passed.returncode == 0 and len(passed.stdout.splitlines()) == 2
+    failed = subprocess.run(run + ["--tasks", "nlvr", "grounding"], capture_output=True, text=True)
+    assert failed.returncode == 1 and "[demo] grounding epoch 0" in failed.stdout
+    assert failed.stderr.strip().endswith("below the floor (the demo did not learn as it should): grounding val_d 0.4 < 0.45")

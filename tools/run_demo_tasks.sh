@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The other downstream tasks of the embedded demo, after `bash run_demo.sh` (which pretrains and runs
 # retrieval): SNLI-VE, VQA, NLVR2 (text-assignment pretraining, then fine-tuning) and grounding, each
-# from the demo pretraining checkpoint on the generated data, on CPU; then one line of metrics per task.
+# from the demo pretraining checkpoint on the generated data, on CPU; then one line of metrics per task,
+# and exit status 1 if a task ends below its floor (tools/demo_summary.py --check).
 # Usage: bash tools/run_demo_tasks.sh [ve] [vqa] [nlvr] [grounding]   (default: all four, ~15 min on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,4 +34,4 @@ for task in "${tasks[@]}"; do
           --data_json_dir "$data/json" --checkpoint "$pretrained" "${common[@]}" ;;
   esac
 done
-"$PY" tools/demo_summary.py "$out"
+"$PY" tools/demo_summary.py "$out" --tasks "${tasks[@]}" --check
