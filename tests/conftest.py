@@ -97,7 +97,7 @@ def tokenizer(demo_data):
 
 def pytest_addoption(parser) -> None:
     parser.addoption("--run-slow", action="store_true",
-                     help="also run the tests marked slow (the whole demo at its real size, ~25 min on 2 cores)")
+                     help="also run the tests marked slow (the whole demo at its real size, 22+ min on 2 cores)")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -4,7 +4,7 @@ Fast tests cannot hold NLVR far above chance: that needs the demo's pretraining,
 NLVR fine-tuning, ~20 of the suite's 10 minutes (docs/DESIGN.md, Known gaps). This test runs the two
 demo commands exactly as a user does and fails if any task's best epoch ends below
 ``tools.demo_summary.FLOORS``. Run it with ``bash run_tests.sh --run-slow tests/test_demo_slow.py``
-(~25 min on 2 CPU cores; it reuses ``data/demo`` and its tiny init when they exist).
+(22 min on 2 CPU cores; it reuses ``data/demo`` and its tiny init when they exist).
 """
 
 from __future__ import annotations
