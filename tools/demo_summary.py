@@ -101,7 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict]:
     print(format_summary(summary))
     failures = below_floors(summary) if args.check else []
     if failures:
-        sys.exit("[demo] below the floor (the demo did not learn as it should): " + "; ".join(failures))
+        sys.exit("[demo] below the floor of the default demo settings (it did not learn as it should): "
+                 + "; ".join(failures))
     return summary
 
 
