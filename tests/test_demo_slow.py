@@ -14,9 +14,8 @@ import subprocess
 
 import pytest
 
+from conftest import REPO
 from tools.demo_summary import TASKS, below_floors, format_summary, summarize
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow

@@ -9,9 +9,8 @@ import sys
 
 import pytest
 
+from conftest import REPO
 from tools.demo_summary import FLOORS, TASKS, below_floors, format_summary, summarize
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write_log(root, task: str, records: list[dict], tail: str = "") -> None:
