@@ -37,7 +37,8 @@ sys.path.insert(0, str(REPO))  # run from anywhere, as a script
 
 from dataset.synthetic import vocabulary  # noqa: E402
 from engine.config import load_config  # noqa: E402
-from engine.trainer import autocast_context, configure_runtime  # noqa: E402
+from engine.cuda_graph import GraphedTrainStep  # noqa: E402
+from engine.trainer import configure_runtime  # noqa: E402
 from models import MODEL_BUILDERS  # noqa: E402
 from models.tokenization import TokenBatch, ViCHATokenizer, build_tokenizer  # noqa: E402
 from optim import create_optimizer  # noqa: E402
@@ -61,6 +62,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (kernels, allocator, compile)")
     p.add_argument("--compile", default="none", choices=COMPILE_MODES,
                    help="torch.compile: 'blocks' = every ViT block and BERT layer, 'model' = the whole forward")
+    p.add_argument("--cuda_graph", action=argparse.BooleanOptionalAction, default=False,
+                   help="capture the whole step in a CUDA graph and replay it (engine/cuda_graph.py, the "
+                        "trainer's cuda_graph key); MLM masks are then drawn on the device")
     p.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--fused_attention", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--text_length", type=int, default=25, help="caption tokens ([CLS] + 24 pieces, as the original)")
@@ -157,18 +161,23 @@ def apply_compile(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+def build_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                batch: tuple[torch.Tensor, TokenBatch, TokenBatch], alpha: float, bf16: bool,
-               device: torch.device) -> dict[str, torch.Tensor]:
-    """One step in the trainer's order (engine/trainer.py train_one_epoch); returns detached loss terms."""
+               cuda_graph: bool, warmup_steps: int) -> tuple[Callable[[], dict[str, torch.Tensor]], GraphedTrainStep]:
+    """The trainer's step (engine/trainer.py ``build_train_step``: autocast forward, sum of the terms,
+    zero_grad, backward, optimizer) on the fixed batch; returns a closure giving the detached terms."""
     image, caption, vc = batch
-    with autocast_context(device, bf16):
-        terms = model(image, (caption, vc), alpha=alpha)
-    loss = sum(terms.values())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return {name: value.detach() for name, value in terms.items()}
+
+    def compute_terms(module: nn.Module, inputs, alpha_value) -> dict:
+        return module(inputs[0], (inputs[1], inputs[2]), alpha=alpha_value)
+
+    graphed = GraphedTrainStep(model, optimizer, compute_terms, bf16=bf16, warmup_steps=warmup_steps,
+                               enabled=cuda_graph)
+
+    def step() -> dict[str, torch.Tensor]:
+        return graphed((image, caption, vc), alpha)[1]
+
+    return step, graphed
 
 
 def _synchronize(device: torch.device) -> None:
@@ -273,6 +282,7 @@ def run(args: argparse.Namespace) -> dict:
     config["batch_size"] = args.batch_size or config["batch_size"]
     config["queue_size"] = args.queue_size or config["queue_size"]
     config["grad_checkpointing"] = args.grad_checkpointing
+    config["cuda_graph"] = args.cuda_graph
     config["fused_attention"] = args.fused_attention
     batch_size = config["batch_size"]
     if config["queue_size"] % batch_size:
@@ -283,7 +293,7 @@ def run(args: argparse.Namespace) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": args.precision,
         "batch_size": batch_size, "queue_size": config["queue_size"], "text_length": args.text_length,
-        "vc_length": args.vc_length, "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
+        "vc_length": args.vc_length, "compile": args.compile, "cuda_graph": args.cuda_graph, "grad_checkpointing": args.grad_checkpointing,
         "fused_attention": args.fused_attention, "steps": args.steps, "warmup": args.warmup,
     }
 
@@ -305,18 +315,26 @@ def run(args: argparse.Namespace) -> dict:
                          args.seed)
     model = apply_compile(model, args.compile)
 
-    def step() -> dict[str, torch.Tensor]:
-        return train_step(model, optimizer, batch, args.alpha, bf16, device)
+    step, graphed = build_step(model, optimizer, batch, args.alpha, bf16, args.cuda_graph, args.warmup)
 
     warm_start = time.perf_counter()
     for _ in range(args.warmup):
         step()
     _synchronize(device)
     record["warmup_seconds"] = round(time.perf_counter() - warm_start, 2)
+    if graphed.enabled:  # the next call captures (and replays once): timed apart from the steps
+        capture_start = time.perf_counter()
+        step()
+        _synchronize(device)
+        record["capture_seconds"] = round(time.perf_counter() - capture_start, 2)
+    record["graph_captured"] = graphed.captured
     if args.sync_debug:
         record.update(count_syncs(step, device))
 
     if device.type == "cuda":
+        # A captured step allocates nothing while it replays (its tensors live in the graph's pool):
+        # the peak of the whole run (warm-up and capture included) and the reserved memory say more.
+        record["peak_memory_run_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         torch.cuda.reset_peak_memory_stats(device)
     history: list[torch.Tensor] = []
     names: list[str] = []
@@ -341,6 +359,7 @@ def run(args: argparse.Namespace) -> dict:
         "ms_per_step": round(1000 * seconds / max(1, args.steps), 2),
         "samples_per_s": round(batch_size * args.steps / seconds, 2) if seconds > 0 else None,
         "peak_memory_gib": round(memory, 3), "memory_kind": memory_kind,
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3) if device.type == "cuda" else None,
         "losses": {name: round(value, 5) for name, value in zip(names, means)},
     })
     return record
@@ -351,11 +370,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     try:
         record = run(args)
     except Exception as error:
-        if args.compile == "none":
+        if args.compile == "none" and not args.cuda_graph:
             raise
-        # A compile failure is a result to report, not a crash of the benchmark suite.
+        # A compile or capture failure is a result to report, not a crash of the benchmark suite.
         record = {"bench": "pretrain_step", "config": args.config, "device": args.device, "compile": args.compile,
-                  "precision": args.precision, "error": f"{type(error).__name__}: {str(error)[:800]}"}
+                  "cuda_graph": args.cuda_graph, "precision": args.precision, "batch_size": args.batch_size, "error": f"{type(error).__name__}: {str(error)[:800]}"}
         traceback.print_exc(file=sys.stderr)
     print(json.dumps(record), flush=True)
     return record

@@ -8,8 +8,9 @@
 # (BENCH_TOTAL_S, default 465 s), and appends one JSON line to $OUT/bench_results.jsonl (or
 # ./bench_results.jsonl) tagged with "part" and the exit code "rc"; a part that fails or times out
 # still gets a line, with "error" and the tail of its stderr. Full logs: bench_logs/<part>.{out,err}.
-# BENCH_COMPILE=0 skips the torch.compile run of the pretraining step (last, with whatever budget is
-# left); BENCH_E2E=0 skips the one-epoch demo pretraining through the real trainer on CUDA + bf16.
+# BENCH_COMPILE=0 skips the torch.compile + CUDA graph run of the pretraining step (last, with whatever
+# budget is left); BENCH_E2E=0 skips the demo pretraining through the real trainer on CUDA + bf16 (eager
+# and with cuda_graph).
 # BENCH_SKIP="part part ..." skips parts by name. PYTHON picks the interpreter (default: python).
 set -u
 cd "$(dirname "$0")/.."
@@ -67,6 +68,11 @@ run_part pretrain_fp32 60 "$PY" bench/bench_pretrain.py --device cuda --precisio
 run_part pretrain_tf32 50 "$PY" bench/bench_pretrain.py --device cuda --precision tf32 --steps 10 --warmup 3
 run_part pretrain_bf16_b64 60 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --batch_size 64 \
   --steps 15 --warmup 3 --profile 2
+# The same steps captured once in a CUDA graph and replayed (engine/cuda_graph.py; the trainer's cuda_graph).
+run_part pretrain_bf16_graph 60 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --cuda_graph \
+  --steps 20 --warmup 3 --sync_debug --profile 2
+run_part pretrain_bf16_graph_b64 60 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --cuda_graph \
+  --batch_size 64 --steps 15 --warmup 3 --profile 2
 run_part pretrain_bf16_b128_ckpt 70 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --batch_size 128 \
   --grad_checkpointing --steps 8 --warmup 3
 
@@ -82,18 +88,24 @@ run_part data 40 "$PY" bench/bench_data.py --num_images 64 --iterations 300 --nu
 # Visual-concept top-k assignment (preprocessing).
 run_part vc_topk 30 "$PY" bench/bench_vc_topk.py --device cuda
 
-# The real trainer end to end on CUDA + bf16: one pretraining epoch of the demo (BENCH_E2E=0 skips).
+# The real trainer end to end on CUDA + bf16: one pretraining epoch of the demo, then two epochs with the
+# step captured in a CUDA graph (BENCH_E2E=0 skips both).
+DEMO_ARGS="--config configs/demo/Pretrain.yaml --data_dir $LOGS/demo --data_json_dir $LOGS/demo/json_pretrain \
+  --text_encoder $LOGS/demo/tokenizer --device cuda --bf16"
+MAKE_DEMO="[ -d $LOGS/demo/json_pretrain ] || \"$PY\" tools/make_demo_data.py --out $LOGS/demo --num_retrieval 20 \
+  --num_vqa 20 --num_ve 20 --num_nlvr 20 --num_grounding 20 --num_eval 10 >&2"
 if [[ "${BENCH_E2E:-1}" == 1 ]]; then
-  run_part e2e_pretrain 75 bash -c "set -e; \"$PY\" tools/make_demo_data.py --out \"$LOGS/demo\" --num_retrieval 20 \
-    --num_vqa 20 --num_ve 20 --num_nlvr 20 --num_grounding 20 --num_eval 10 >&2; \"$PY\" Pretrain.py \
-    --config configs/demo/Pretrain.yaml --output_dir \"$LOGS/demo_out\" --data_dir \"$LOGS/demo\" \
-    --data_json_dir \"$LOGS/demo/json_pretrain\" --text_encoder \"$LOGS/demo/tokenizer\" --device cuda --bf16 \
-    --override schedular.epochs=1 init_deit=false init_bert=false num_workers=4 >&2; tail -n 1 \"$LOGS/demo_out/log.txt\""
+  run_part e2e_pretrain 75 bash -c "set -e; $MAKE_DEMO; \"$PY\" Pretrain.py $DEMO_ARGS --output_dir $LOGS/demo_out \
+    --override schedular.epochs=1 init_deit=false init_bert=false num_workers=4 >&2; tail -n 1 $LOGS/demo_out/log.txt"
+  run_part e2e_pretrain_graph 75 bash -c "set -e; $MAKE_DEMO; \"$PY\" Pretrain.py $DEMO_ARGS --cuda_graph \
+    --output_dir $LOGS/demo_graph --override schedular.epochs=2 init_deit=false init_bert=false num_workers=4 >&2; \
+    tail -n 1 $LOGS/demo_graph/log.txt"
 fi
 
+# torch.compile of every ViT block and BERT layer (fewer, fused kernels) inside the captured step.
 if [[ "${BENCH_COMPILE:-1}" == 1 ]]; then
-  run_part pretrain_bf16_compile 150 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --compile blocks \
-    --profile 2 --steps 20 --warmup 5
+  run_part pretrain_bf16_compile_graph_b64 150 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 \
+    --compile blocks --cuda_graph --batch_size 64 --profile 2 --steps 15 --warmup 3
 fi
 
 echo "results: $RESULTS ($(( $(date +%s) - START )) s)" >&2

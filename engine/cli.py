@@ -2,7 +2,7 @@
 
 The original used ``type=bool`` (``--resume False`` meant True); here booleans are
 ``--x/--no-x``. Extra flags: ``--override key=value`` (any config key, validated), ``--bf16``,
-``--grad_checkpointing``.
+``--grad_checkpointing``, ``--cuda_graph``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ def build_parser(description: str, config: str, output_dir: str, data_json_dir: 
                         help="bf16 autocast (default: the config's 'bf16', off)")
     parser.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="recompute activations in backward (default: the config's, off)")
+    parser.add_argument("--cuda_graph", action=argparse.BooleanOptionalAction, default=None,
+                        help="Pretrain on one GPU: replay the training step as a CUDA graph (default: the config's, off)")
     return parser
 
 
@@ -53,7 +55,7 @@ def parse_and_load(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]
     args = parser.parse_args(argv)
     config = load_config(args.config)
     config = apply_overrides(config, list(args.override), source=f"--override ({args.config})")
-    for switch in ("bf16", "grad_checkpointing"):
+    for switch in ("bf16", "grad_checkpointing", "cuda_graph"):
         if getattr(args, switch) is not None:
             config[switch] = getattr(args, switch)
     return args, config

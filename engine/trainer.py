@@ -23,6 +23,7 @@ from torch import nn
 import utils
 from dataset import resolve_paths
 from engine.config import get_option, save_config
+from engine.cuda_graph import GraphedTrainStep
 from engine.tasks.base import Task, to_device
 from models.checkpoint import LoadReport, load_checkpoint, load_state_dict_checked, model_state_dict, read_checkpoint
 from models.tokenization import build_tokenizer
@@ -73,37 +74,34 @@ def autocast_context(device: torch.device, bf16: bool):
 
 
 def train_one_epoch(task: Task, model: nn.Module, loader, optimizer, scheduler, epoch: int, config: dict,
-                    device: torch.device) -> dict[str, str]:
-    """One epoch; returns the meters' global averages formatted as the original's log strings."""
+                    device: torch.device, train_step: Optional[GraphedTrainStep] = None) -> dict[str, str]:
+    """One epoch; returns the meters' global averages formatted as the original's log strings.
+
+    ``train_step`` runs forward, backward and the optimizer (``build_train_step``: eager, or captured in
+    a CUDA graph with ``cuda_graph``); by default an eager one is built for this epoch.
+    """
     model.train()
+    if train_step is None:
+        train_step = build_train_step(task, model, optimizer, config, device)
     logger = utils.MetricLogger(delimiter="  ")
     logger.add_meter("lr", utils.SmoothedValue(window_size=task.meter_window, fmt="{value:.6f}"))
     warmup_epochs = config["schedular"]["warmup_epochs"]
     iterations = len(loader)
     print_freq = get_option(config, "print_freq")
-    max_norm = get_option(config, "max_grad_norm")
-    bf16 = get_option(config, "bf16")
     guard = NonFiniteGuard()
     header = f"Train Epoch: [{epoch}]"
     for step, batch in enumerate(logger.log_every(loader, print_freq, header)):
         batch = to_device(batch, device)
         alpha = task.alpha(config, epoch, step, iterations)
         try:
-            with autocast_context(device, bf16):
-                terms = task.train_step(model, batch, alpha, device)
-            loss = sum(terms.values())
+            loss, terms = train_step(batch, alpha)
             guard.observe(step, loss, terms)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            optimizer.step()
         except Exception as error:
             # NaN weights make later ops fail (e.g. sampling from NaN weights): report the cause.
             if not isinstance(error, NonFiniteLossError):
                 guard.check(epoch, cause=error)
             raise
-        logger.update(lr=optimizer.param_groups[0]["lr"], **{name: value.detach() for name, value in terms.items()})
+        logger.update(lr=optimizer.param_groups[0]["lr"], **terms)
         due = warmup_step_due(epoch, step, warmup_epochs)
         if due is not None:
             scheduler.step(due)
@@ -113,6 +111,28 @@ def train_one_epoch(task: Task, model: nn.Module, loader, optimizer, scheduler, 
     logger.synchronize_between_processes()
     print("Averaged stats:", logger.global_avg())
     return {name: task.log_format.format(meter.global_avg) for name, meter in logger.meters.items()}
+
+
+def build_train_step(task: Task, model: nn.Module, optimizer, config: dict, device: torch.device) -> GraphedTrainStep:
+    """The step of ``train_one_epoch``: bf16 autocast (``bf16``), the sum of the task's loss terms,
+    backward, clipping (``max_grad_norm``), optimizer; captured in a CUDA graph with ``cuda_graph``."""
+    graphed = bool(get_option(config, "cuda_graph"))
+    if graphed:
+        problems = []
+        if device.type != "cuda":
+            problems.append(f"a CUDA device (this run uses {device})")
+        if utils.get_world_size() > 1:
+            problems.append("a single process (not yet measured with DistributedDataParallel)")
+        if not task.supports_cuda_graph:
+            problems.append(f"a task with fixed batch shapes (Pretrain; not {task.script})")
+        if problems:
+            raise ValueError("config key cuda_graph: true needs " + " and ".join(problems) + "; set it to false")
+
+    def compute_terms(module: nn.Module, batch, alpha) -> dict:
+        return task.train_step(module, batch, alpha, device)
+
+    return GraphedTrainStep(model, optimizer, compute_terms, bf16=get_option(config, "bf16"),
+                            max_grad_norm=get_option(config, "max_grad_norm"), enabled=graphed)
 
 
 def _checkpoint_payload(model: nn.Module, optimizer, scheduler, config: dict, epoch: int, extra: dict) -> dict:
@@ -144,6 +164,8 @@ def load_initial_weights(task: Task, args: argparse.Namespace, config: dict, mod
             raise ValueError(f"cannot resume from {args.checkpoint}: {report.summary()}")
         if not config.get("avoid_optim", False):
             optimizer.load_state_dict(checkpoint["optimizer"])
+            for group in optimizer.param_groups:  # a cuda_graph run saves True; this run decides again
+                group["capturable"] = optimizer.defaults.get("capturable", False)
         scheduler.load_state_dict(checkpoint["lr_scheduler"])
         print(f"resumed from {args.checkpoint} (epoch {checkpoint['epoch']})")
         return checkpoint["epoch"] + 1, {k: checkpoint[k] for k in ("best", "best_epoch") if k in checkpoint}
@@ -195,6 +217,7 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
             broadcast_buffers=False,  # queues are identical on every rank (gathered writes)
         )
 
+    train_step = None if getattr(args, "evaluate", False) else build_train_step(task, model, optimizer, config, device)
     epochs = config["schedular"]["epochs"]
     warmup_epochs = config["schedular"]["warmup_epochs"]
     evaluate_only = getattr(args, "evaluate", False)
@@ -210,7 +233,8 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
         train_stats: dict[str, str] = {}
         if not evaluate_only:
             loaders["train"].sampler.set_epoch(epoch)
-            train_stats = train_one_epoch(task, model, loaders["train"], optimizer, scheduler, epoch, config, device)
+            train_stats = train_one_epoch(task, model, loaders["train"], optimizer, scheduler, epoch, config, device,
+                                          train_step)
         metrics = task.evaluate(model_without_ddp, loaders, config, args, epoch, device)
         record = {**{f"train_{k}": v for k, v in train_stats.items()}, **metrics, "epoch": epoch}
         if utils.is_main_process():

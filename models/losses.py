@@ -139,22 +139,31 @@ def mask_tokens(
     cls_token_id: int,
     probability: float = 0.15,
     generator: Optional[torch.Generator] = None,
+    draw_on_device: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking (models.md §3.6): select with p=0.15 (never [PAD] / [CLS]); 80 % -> [MASK],
     half of the rest -> a random id in [0, vocab) (any id), the remainder unchanged.
 
-    The four draws come from the CPU generator in the original's order (so the masks equal the
-    original's for the same seed). Returns (masked ids, labels).
+    By default the four draws come from the CPU generator in the original's order (so the masks
+    equal the original's for the same seed). ``draw_on_device`` draws them on the ids' device
+    instead (same distribution, another random stream): a CUDA-graph-captured step needs this,
+    since a captured host-to-device copy would replay the same masks at every step.
+    Returns (masked ids, labels).
     """
-    # Every draw is made on the CPU generator, independently of the ids, and only then moved to the
-    # ids' device (non-blocking): no device-to-host copy of the ids, so no host sync on a GPU.
     shape, device = input_ids.shape, input_ids.device
-    selected = torch.bernoulli(torch.full(shape, probability), generator=generator).bool()
-    replaced = torch.bernoulli(torch.full(shape, 0.8), generator=generator).bool()
-    randomised = torch.bernoulli(torch.full(shape, 0.5), generator=generator).bool()
-    random_ids = torch.randint(vocab_size, shape, dtype=torch.long, generator=generator)
-    selected, replaced, randomised, random_ids = (
-        t.to(device, non_blocking=True) for t in (selected, replaced, randomised, random_ids))
+    if draw_on_device:
+        draw_device = device
+    else:
+        # Every draw is made on the CPU generator, independently of the ids, and only then moved to
+        # the ids' device (non-blocking): no device-to-host copy of the ids, so no host sync on a GPU.
+        draw_device = torch.device("cpu")
+    selected = torch.bernoulli(torch.full(shape, probability, device=draw_device), generator=generator).bool()
+    replaced = torch.bernoulli(torch.full(shape, 0.8, device=draw_device), generator=generator).bool()
+    randomised = torch.bernoulli(torch.full(shape, 0.5, device=draw_device), generator=generator).bool()
+    random_ids = torch.randint(vocab_size, shape, dtype=torch.long, generator=generator, device=draw_device)
+    if not draw_on_device:
+        selected, replaced, randomised, random_ids = (
+            t.to(device, non_blocking=True) for t in (selected, replaced, randomised, random_ids))
     selected &= (input_ids != pad_token_id) & (input_ids != cls_token_id)
     replaced &= selected
     randomised &= selected & ~replaced
@@ -165,5 +174,13 @@ def mask_tokens(
 
 
 def sample_negatives(weights: torch.Tensor) -> torch.Tensor:
-    """One index per row drawn with probability proportional to ``weights`` (B, B)."""
-    return torch.multinomial(weights.float(), 1).squeeze(1)
+    """One index per row drawn with probability proportional to ``weights`` (B, B).
+
+    argmax(weights / q) with q ~ Exp(1): the algorithm ``torch.multinomial(weights, 1)`` itself runs,
+    so the draws equal its draws for the same generator state, but without its input checks (host
+    syncs in some PyTorch versions, and nothing a CUDA-graph-captured step may contain). Non-finite
+    weights give an arbitrary index; the trainer's non-finite loss guard reports the cause.
+    """
+    weights = weights.float()
+    race = torch.empty_like(weights).exponential_(1)
+    return (weights / race).argmax(dim=1)

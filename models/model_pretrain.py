@@ -16,6 +16,21 @@ from models.tokenization import TokenBatch
 from utils import concat_all_gather, get_rank
 
 
+MLM_MASK_DRAWS = ("cpu", "device")
+
+
+def mlm_draws_on_device(config: dict) -> bool:
+    """``mlm_mask_draws``: 'cpu' (the original's generator stream) or 'device'; unset = 'device' under
+    ``cuda_graph`` (a captured step cannot take fresh masks from the host), else 'cpu'."""
+    draws = config.get("mlm_mask_draws") or ("device" if config.get("cuda_graph") else "cpu")
+    if draws not in MLM_MASK_DRAWS:
+        raise ValueError(f"config key mlm_mask_draws is {draws!r}; expected one of {MLM_MASK_DRAWS}")
+    if draws == "cpu" and config.get("cuda_graph"):
+        raise ValueError("config key mlm_mask_draws: cpu cannot be used with cuda_graph: true "
+                         "(a captured step would replay the same MLM masks); use 'device'")
+    return draws == "device"
+
+
 class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
     """``forward(image, (caption, vc), alpha)`` returns the four summed loss terms by name."""
 
@@ -26,6 +41,7 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
         embed_dim, vision_width = config["embed_dim"], config["vision_width"]
         self.momentum = config["momentum"]
         self.mlm_probability = config["mlm_probability"]
+        self.mlm_draws_on_device = mlm_draws_on_device(config)
         self.vocab_size = bert_config.vocab_size
         self.hierarchical = bool(config.get("return_hidden_state", False))
 
@@ -132,7 +148,7 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
     def mlm_loss(self, caption: TokenBatch, image_embeds, image_embeds_m, image_mask, alpha: float) -> torch.Tensor:
         input_ids, labels = losses.mask_tokens(
             caption.input_ids, self.vocab_size, self.mask_token_id, self.pad_token_id, self.cls_token_id,
-            self.mlm_probability)
+            self.mlm_probability, draw_on_device=self.mlm_draws_on_device)
         with torch.no_grad():
             logits_m = self.text_encoder_m(input_ids, caption.attention_mask, encoder_hidden_states=image_embeds_m,
                                            encoder_attention_mask=image_mask, return_logits=True)

@@ -123,6 +123,19 @@ def test_mask_tokens_draws_the_originals_masks_for_a_seed():
     assert replaced.any() and randomised.any()  # every branch was exercised
 
 
+def test_sample_negatives_draws_what_multinomial_draws():
+    weights = torch.rand(16, 16).masked_fill(torch.eye(16, dtype=torch.bool), 0)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        expected = torch.multinomial(weights, 1).squeeze(1)
+        torch.manual_seed(seed)
+        assert torch.equal(losses.sample_negatives(weights), expected)
+    counts = torch.zeros(3)
+    for _ in range(3000):  # proportional to the weights
+        counts[losses.sample_negatives(torch.tensor([[1.0, 2.0, 7.0]]))] += 1
+    assert torch.allclose(counts / 3000, torch.tensor([0.1, 0.2, 0.7]), atol=0.03)
+
+
 def test_sample_negatives_never_returns_an_excluded_item():
     weights = torch.rand(6, 6).masked_fill(torch.eye(6, dtype=torch.bool), 0)
     for _ in range(200):

@@ -49,6 +49,8 @@ class Task:
     log_best_epoch: bool = True
     # DDP option: True where some parameters get no gradient in a step (Pretrain_nlvr).
     find_unused_parameters: bool = False
+    # The training step has fixed shapes (with fixed text padding), so ``cuda_graph`` may capture it.
+    supports_cuda_graph: bool = False
 
     def build_datasets(self, config: dict, args: Any) -> dict[str, Any]:
         """{'train': dataset, 'val': ..., 'test': ...} (absent splits omitted)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -26,13 +27,17 @@ class PretrainTask(Task):
     log_format = "{:.3f}"
     meter_window = 50
     checkpoint_policy = "last"
+    supports_cuda_graph = True  # captions and VCs padded to their maximum lengths under cuda_graph
 
     def build_datasets(self, config: dict, args: Any) -> dict:
         return {"train": create_dataset("pretrain", config, args.data_dir)}
 
     def build_loaders(self, datasets: dict, config: dict, args: Any, tokenizer: ViCHATokenizer) -> dict:
         sampler = create_sampler([datasets["train"]], [True], get_world_size(), get_rank(), seed=args.seed)
-        collate = TokenizingCollate(tokenizer, 1, (CAPTION, VISUAL_CONCEPTS))
+        specs = (CAPTION, VISUAL_CONCEPTS)
+        if get_option(config, "cuda_graph"):  # a captured step needs the same shapes every step
+            specs = tuple(dataclasses.replace(spec, padding="max_length") for spec in specs)
+        collate = TokenizingCollate(tokenizer, 1, specs)
         (loader,) = create_loader([datasets["train"]], sampler, [config["batch_size"]],
                                   [get_option(config, "num_workers")], [True], [collate])
         return {"train": loader}

@@ -23,6 +23,7 @@ class PretrainNLVRTask(PretrainTask):
     checkpoint_policy = "last"
     # temp and text_proj are never used, vision_proj only without gradient.
     find_unused_parameters = True
+    supports_cuda_graph = False  # not measured on a GPU yet
 
     def build_model(self, config: dict, args: Any, tokenizer: ViCHATokenizer) -> nn.Module:
         return MODEL_BUILDERS[self.name](config, text_encoder=args.text_encoder, tokenizer=tokenizer)

@@ -1,0 +1,195 @@
+"""The CUDA-graph training step (engine/cuda_graph.py, config key ``cuda_graph``) on CPU.
+
+The capture itself needs a GPU (``bench/check_cuda.py`` compares replayed and eager steps there);
+these tests check what runs everywhere: the static-buffer copies and their errors, the eager path
+being the trainer's step, a tensor ``alpha`` (as the graph passes it) giving the float's losses,
+device-side MLM masks, the configuration rules and the fixed text padding.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import REPO
+from dataset.synthetic import vocabulary
+from engine.cli import build_parser, parse_and_load
+from engine.config import load_config
+from engine.cuda_graph import GraphedTrainStep, copy_into_static, flatten_tensors, map_tensors
+from engine.tasks import TASKS
+from engine.trainer import build_train_step
+from models import MODEL_BUILDERS, losses
+from models.model_pretrain import mlm_draws_on_device
+from models.tokenization import TokenBatch, build_tokenizer
+from optim import create_optimizer
+
+CAPTIONS = ["a small red circle on the left", "a large blue square", "a green star in the middle", "a white cross"]
+CONCEPTS = ["red circle small left", "blue square", "green star middle picture shape", "white cross"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vocab")
+    (folder / "vocab.txt").write_text("\n".join(vocabulary()) + "\n")
+    return build_tokenizer(str(folder))
+
+
+def tiny_config(**overrides) -> dict:
+    config = load_config(os.path.join(REPO, "configs/demo/Pretrain.yaml"))
+    config.update(bert_config=os.path.join(REPO, config["bert_config"]), init_deit=False, **overrides)
+    return config
+
+
+def tiny_model(tokenizer, **overrides) -> nn.Module:
+    torch.manual_seed(0)
+    model = MODEL_BUILDERS["pretrain"](tiny_config(**overrides), text_encoder=None, tokenizer=tokenizer)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def make_batch(tokenizer, seed: int = 1):
+    image = torch.randn(len(CAPTIONS), 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return image, tokenizer(CAPTIONS, max_length=25), tokenizer(CONCEPTS, max_length=55)
+
+
+def compute_terms(model, batch, alpha):
+    image, caption, vc = batch
+    return model(image, (caption, vc), alpha=alpha)
+
+
+# --- static buffers ------------------------------------------------------------------------------
+
+
+def test_batch_tensors_are_flattened_and_copied_in_place(tokenizer):
+    batch = (torch.zeros(2, 3), (TokenBatch(torch.ones(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long)),))
+    static = map_tensors(torch.clone, batch)
+    assert isinstance(static[1][0], TokenBatch) and len(flatten_tensors(static)) == 3
+    pointers = [t.data_ptr() for t in flatten_tensors(static)]
+    fresh = map_tensors(lambda t: t + 5, batch)
+    copy_into_static(static, fresh)
+    assert [t.data_ptr() for t in flatten_tensors(static)] == pointers  # same memory: what the graph reads
+    for target, source in zip(flatten_tensors(static), flatten_tensors(fresh)):
+        assert torch.equal(target, source)
+
+
+def test_a_batch_of_another_shape_is_refused_with_the_field_and_shapes():
+    static = (torch.zeros(4, 3), TokenBatch(torch.zeros(4, 25, dtype=torch.long), torch.zeros(4, 25, dtype=torch.long)))
+    shorter = (torch.zeros(4, 3), TokenBatch(torch.zeros(4, 25, dtype=torch.long), torch.zeros(4, 17, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"batch tensor 2 has shape \(4, 17\).*expects \(4, 25\).*fixed shapes"):
+        copy_into_static(static, shorter)
+    with pytest.raises(ValueError, match="batch tensor 0 .*torch.float64"):
+        copy_into_static(static, (torch.zeros(4, 3, dtype=torch.float64), static[1]))
+    assert torch.equal(static[1].attention_mask, torch.zeros(4, 25, dtype=torch.long))  # nothing half-copied
+
+
+# --- the step ------------------------------------------------------------------------------------
+
+
+def test_without_cuda_the_step_is_the_plain_trainer_step(tokenizer):
+    model = tiny_model(tokenizer)
+    reference = copy.deepcopy(model)
+    config = tiny_config()
+    runner = GraphedTrainStep(model, create_optimizer(config["optimizer"], model), compute_terms, bf16=False,
+                              max_grad_norm=1.0, warmup_steps=1, enabled=True)
+    assert not runner.enabled  # no CUDA here: every call runs eagerly
+    optimizer = create_optimizer(config["optimizer"], reference)
+    batch = make_batch(tokenizer)
+    for step in range(3):
+        torch.manual_seed(10 + step)
+        loss, terms = runner(batch, 0.2 * step)
+        torch.manual_seed(10 + step)
+        expected = compute_terms(reference, batch, 0.2 * step)
+        optimizer.zero_grad(set_to_none=True)
+        total = sum(expected.values())
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        optimizer.step()
+        assert set(terms) == {"loss_mlm", "loss_ita", "loss_itm", "loss_mae"}
+        assert not loss.requires_grad and torch.equal(loss, total.detach())
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not runner.captured
+
+
+def test_a_tensor_alpha_gives_the_losses_of_the_float(tokenizer):
+    """The captured step passes alpha as a device scalar (filled before each replay)."""
+    model = tiny_model(tokenizer).eval()
+    batch = make_batch(tokenizer)
+    results = []
+    for alpha in (0.4, torch.tensor(0.4)):  # each on a fresh copy: a step moves the queues and twins
+        torch.manual_seed(3)
+        results.append(compute_terms(copy.deepcopy(model), batch, alpha))
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, rtol=1e-6, atol=1e-6, msg=name)
+    torch.manual_seed(3)
+    other = compute_terms(copy.deepcopy(model), batch, torch.tensor(0.0))
+    assert not torch.allclose(other["loss_ita"], results[0]["loss_ita"])  # alpha really acts
+
+
+# --- device-side MLM masks -----------------------------------------------------------------------
+
+
+def test_device_drawn_mlm_masks_follow_the_same_rules():
+    ids = torch.full((400, 30), 50, dtype=torch.long)
+    ids[:, 0], ids[:, 20:] = 2, 0
+    torch.manual_seed(0)
+    cpu_state = torch.get_rng_state()
+    masked, labels = losses.mask_tokens(ids, 100, 4, 0, 2, 0.15, draw_on_device=True)
+    assert not torch.equal(torch.get_rng_state(), cpu_state)  # drew from the ids' device generator (CPU here)
+    assert (labels[:, 0] == -100).all() and (labels[:, 20:] == -100).all()
+    selected = labels != -100
+    assert 0.12 < selected[:, 1:20].float().mean() < 0.18
+    assert 0.75 < ((masked == 4) & selected).sum() / selected.sum() < 0.85
+
+
+def test_mlm_mask_draws_follow_cuda_graph_unless_set():
+    assert mlm_draws_on_device({}) is False  # the original's CPU stream
+    assert mlm_draws_on_device({"cuda_graph": True}) is True
+    assert mlm_draws_on_device({"mlm_mask_draws": "device"}) is True
+    with pytest.raises(ValueError, match="mlm_mask_draws: cpu cannot be used with cuda_graph"):
+        mlm_draws_on_device({"cuda_graph": True, "mlm_mask_draws": "cpu"})
+    with pytest.raises(ValueError, match="mlm_mask_draws is 'gpu'"):
+        mlm_draws_on_device({"mlm_mask_draws": "gpu"})
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+def test_cuda_graph_is_refused_where_it_cannot_run(tokenizer):
+    model = tiny_model(tokenizer)
+    optimizer = create_optimizer(tiny_config()["optimizer"], model)
+    config = tiny_config(cuda_graph=True)
+    with pytest.raises(ValueError, match=r"cuda_graph: true needs a CUDA device \(this run uses cpu\)"):
+        build_train_step(TASKS["pretrain"](), model, optimizer, config, torch.device("cpu"))
+    with pytest.raises(ValueError, match="fixed batch shapes \\(Pretrain; not Retrieval\\)"):
+        build_train_step(TASKS["retrieval"](), model, optimizer, config, torch.device("cpu"))
+    eager = build_train_step(TASKS["pretrain"](), model, optimizer, tiny_config(), torch.device("cpu"))
+    assert not eager.enabled
+
+
+def test_cuda_graph_pads_pretraining_texts_to_fixed_lengths(tokenizer):
+    task = TASKS["pretrain"]()
+    args = type("Args", (), {"seed": 0})()
+    dataset = [(torch.zeros(3, 8, 8), ("a red circle", "red circle")), (torch.zeros(3, 8, 8), ("a cross", "cross"))]
+    for graphed, lengths in ((False, None), (True, (25, 55))):
+        config = tiny_config(cuda_graph=graphed, batch_size=2, num_workers=0)
+        loader = task.build_loaders({"train": dataset}, config, args, tokenizer)["train"]
+        _, (caption, vc) = next(iter(loader))
+        if lengths is None:
+            assert caption.input_ids.shape[1] < 25 and vc.input_ids.shape[1] < 55  # padded to the longest
+        else:
+            assert (caption.input_ids.shape[1], vc.input_ids.shape[1]) == lengths
+
+
+def test_the_command_line_switch_sets_the_config_key():
+    parser = build_parser("test", os.path.join(REPO, "configs/demo/Pretrain.yaml"), "out", "json")
+    _, config = parse_and_load(parser, ["--cuda_graph"])
+    assert config["cuda_graph"] is True
+    _, config = parse_and_load(parser, [])
+    assert not config.get("cuda_graph")
