@@ -237,7 +237,7 @@ def test_declared_keys_and_defaults() -> None:
              "grad_checkpointing": False, "fused_attention": True, "num_workers": 4, "print_freq": 50,
              "eval_batch_size_text": 64, "max_grad_norm": None, "fix_hitc_rank_offset": False,
              "fix_vqa_distill_alpha": False, "fix_vqa_rank_double_count": False, "fix_nlvr_teacher": False,
-             "mae_cls_pos_embed": False, "mask_vc_padding": False}
+             "mae_cls_pos_embed": False, "mask_vc_padding": False, "cuda_graph": False, "mlm_mask_draws": None}
     for name, default in added.items():
         assert name in KNOWN_KEYS and DEFAULTS[name] == default, name
     optional = ["save_step", "avoid_optim", "model_mae", "clip_vit", "kw_model", "uni_cross_modal_mae",
