@@ -193,3 +193,31 @@ def test_the_command_line_switch_sets_the_config_key():
     assert config["cuda_graph"] is True
     _, config = parse_and_load(parser, [])
     assert not config.get("cuda_graph")
+
+
+def test_resuming_a_cuda_graph_run_without_it_restores_a_plain_optimizer(tmp_path):
+    """A cuda_graph run saves ``capturable: True`` groups; on CPU such an AdamW refuses to step."""
+    from argparse import Namespace
+
+    from engine.trainer import load_initial_weights
+
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    for group in saved["param_groups"]:
+        group["capturable"] = True  # as GraphedTrainStep leaves them
+    path = tmp_path / "checkpoint_last.pth"
+    torch.save({"model": model.state_dict(), "optimizer": saved, "lr_scheduler": scheduler.state_dict(),
+                "config": {}, "epoch": 0}, path)
+
+    resumed = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-3, foreach=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    start, _ = load_initial_weights(None, Namespace(checkpoint=str(path), resume=True), {}, resumed, optimizer,
+                                    scheduler)
+    assert start == 1 and not any(group["capturable"] for group in optimizer.param_groups)
+    resumed(torch.randn(4, 3)).sum().backward()
+    optimizer.step()  # would raise "If capturable=True, params and state_steps must be on supported devices"
