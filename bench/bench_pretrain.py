@@ -243,6 +243,11 @@ def profile_steps(step: Callable[[], object], device: torch.device, steps: int, 
 
     key = device_self if cuda else (lambda event: event.self_cpu_time_total)
     ranked = sorted(operators, key=key, reverse=True)[:top]
+    # Kernels by name: under --cuda_graph the operators are not recorded (one graph launch), the kernels are.
+    kernel_ms: dict[str, float] = {}
+    for k in kernels:
+        kernel_ms[k.name[:80]] = kernel_ms.get(k.name[:80], 0.0) + k.time_range.elapsed_us() / 1000 / steps
+    top_kernels = sorted(kernel_ms.items(), key=lambda item: item[1], reverse=True)[:top]
     return {
         "profiled_steps": steps,
         "device_busy_ms_per_step": round(sum(k.time_range.elapsed_us() for k in kernels) / 1000 / steps, 2)
@@ -250,6 +255,7 @@ def profile_steps(step: Callable[[], object], device: torch.device, steps: int, 
         "kernels_per_step": round(len(kernels) / steps) if cuda else None,
         "cpu_self_ms_per_step": round(sum(e.self_cpu_time_total for e in operators) / 1000 / steps, 2),
         "top_ops_ms_per_step": {e.key[:80]: round(key(e) / 1000 / steps, 2) for e in ranked},
+        "top_kernels_ms_per_step": {name: round(ms, 2) for name, ms in top_kernels},
     }
 
 
