@@ -97,7 +97,7 @@ def train_one_epoch(task: Task, model: nn.Module, loader, optimizer, scheduler, 
             loss, terms = train_step(batch, alpha)
             guard.observe(step, loss, terms)
         except Exception as error:
-            # NaN weights make later ops fail (e.g. sampling from NaN weights): report the cause.
+            # An error after a non-finite loss (NaN weights break later ops): report the loss as its cause.
             if not isinstance(error, NonFiniteLossError):
                 guard.check(epoch, cause=error)
             raise
