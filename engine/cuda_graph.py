@@ -143,6 +143,12 @@ class GraphedTrainStep:
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._static_outputs = self._plain_step(self._static_batch, self._static_alpha)
+        except Exception as error:
+            raise RuntimeError(
+                f"cuda_graph: capturing the training step failed ({type(error).__name__}: {error}). Some operation "
+                "in the step cannot be captured (a host sync, a host-to-device copy or a shape read from a tensor); "
+                "set cuda_graph: false to train without the graph"
+            ) from error
         finally:
             for group, lr in zip(self.optimizer.param_groups, floats):
                 group["lr"] = lr

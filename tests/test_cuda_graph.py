@@ -221,3 +221,24 @@ def test_resuming_a_cuda_graph_run_without_it_restores_a_plain_optimizer(tmp_pat
     assert start == 1 and not any(group["capturable"] for group in optimizer.param_groups)
     resumed(torch.randn(4, 3)).sum().backward()
     optimizer.step()  # would raise "If capturable=True, params and state_steps must be on supported devices"
+
+
+def test_a_failed_capture_says_so_and_leaves_the_learning_rates_as_floats(tokenizer, monkeypatch):
+    """What happens when an operation of the step cannot be captured (simulated: no GPU here)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def refusing_capture(graph, **kwargs):  # fails as the first uncapturable operation would
+        raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", refusing_capture)
+    model = tiny_model(tokenizer)
+    optimizer = create_optimizer(tiny_config()["optimizer"], model)
+    runner = GraphedTrainStep(model, optimizer, compute_terms, bf16=False, enabled=False)
+    with pytest.raises(RuntimeError, match="cuda_graph: capturing the training step failed .*not permitted.*"
+                                           "cuda_graph: false"):
+        runner._capture(make_batch(tokenizer), 0.4)
+    assert all(isinstance(group["lr"], float) for group in optimizer.param_groups)
+    assert not runner.captured
