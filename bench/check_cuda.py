@@ -155,6 +155,40 @@ def check_graphed_step(tokenizer, device: torch.device, steps: int = 6, warmup: 
             "ok": worst < 1e-3 and param_gap < 1e-2 * moved and queues_equal and (captured or device.type != "cuda")}
 
 
+def check_compiled_step(tokenizer, device: torch.device, steps: int = 3) -> dict:
+    """The whole forward compiled as one graph (``bench_pretrain.py --compile model``) against eager:
+    same weights and seeds, fp32, dropout off, inductor drawing random numbers with the eager ops
+    (``fallback_random``) so both see the same masks. Minutes of compiling: only with --compile_model."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True
+    eager_model = tiny_model("pretrain", tokenizer, device)
+    eager_model.mlm_draws_on_device = True  # as under cuda_graph, where the compiled model runs
+    compiled_model = copy.deepcopy(eager_model)
+    compiled_model.compile()
+    start = torch.cat([p.detach().flatten() for p in eager_model.parameters()])
+    image, caption, vc = make_batch(tokenizer, device)
+
+    def compute_terms(module, inputs, alpha):
+        return module(inputs[0], (inputs[1], inputs[2]), alpha=alpha)
+
+    histories, weights = [], []
+    for model in (eager_model, compiled_model):
+        optimizer = create_optimizer(tiny_config("Pretrain")["optimizer"], model)
+        runner = GraphedTrainStep(model, optimizer, compute_terms, bf16=False, enabled=False)
+        history = []
+        for step in range(steps):
+            torch.manual_seed(100 + step)
+            history.append({k: float(v) for k, v in runner((image, caption, vc), 0.4)[1].items()})
+        histories.append(history)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    worst = max(abs(a[k] - b[k]) / (abs(a[k]) + 1e-6) for a, b in zip(*histories) for k in a)
+    param_gap, moved = relative_gap(weights[1], weights[0]), relative_gap(weights[0], start)
+    return {"eager_losses": histories[0], "compiled_losses": histories[1], "max_relative_loss_diff": worst,
+            "param_relative_diff": param_gap, "params_moved": moved,
+            "ok": worst < 1e-3 and param_gap < 1e-2 * moved}
+
+
 def top_k_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Each row's k best columns in order (unscored entries last)."""
     return scores.masked_fill(scores == FILL_SCORE, -1e9).argsort(dim=1, stable=True)[:, -k:]
@@ -190,6 +224,8 @@ def check_retrieval_ranks(tokenizer, device: torch.device, k_test: int = 8) -> d
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile_model", action="store_true",
+                        help="also check the whole-model torch.compile step against eager (minutes of compiling)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":  # exact fp32 reference paths: no TF32
@@ -202,6 +238,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     checks = (("fused_attention", check_fused_attention), ("bf16_step", check_bf16_step),
               ("graphed_step", check_graphed_step), ("retrieval_ranks", check_retrieval_ranks))
+    if args.compile_model:
+        checks += (("compiled_step", check_compiled_step),)
     for name, check in checks:
         try:
             report[name] = check(tokenizer, device)

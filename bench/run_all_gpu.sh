@@ -110,6 +110,7 @@ fi
 # The whole forward compiled as one graph (no graph breaks on the tiny model) inside the captured step:
 # also fuses the loss heads; not measured yet and its compile time is unknown, so opt-in.
 if [[ "${BENCH_COMPILE_MODEL:-0}" == 1 ]]; then
+  run_part check_compiled 240 "$PY" bench/check_cuda.py --device cuda --compile_model
   run_part pretrain_bf16_compile_model_graph_b64 300 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 \
     --compile model --cuda_graph --batch_size 64 --profile 2 --steps 15 --warmup 3
 fi
