@@ -4,6 +4,7 @@ backward, AdamW, momentum update and queue write, exactly as engine/trainer.py r
     python bench/bench_pretrain.py --tiny --device cpu --steps 5 --warmup 2
     python bench/bench_pretrain.py --device cuda --precision bf16 --batch_size 32 --steps 30
     python bench/bench_pretrain.py --device cuda --precision bf16 --compile blocks --batch_size 64
+    python bench/bench_pretrain.py --device cuda --precision bf16 --cuda_graph --compile blocks --batch_size 64
 
 The model is ViCHAPretrain (``models.MODEL_BUILDERS['pretrain']``) at the size of ``--config``
 (default: the paper's configs/Pretrain.yaml; ``--tiny``: configs/demo/Pretrain.yaml) with random
@@ -299,8 +300,9 @@ def run(args: argparse.Namespace) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": args.precision,
         "batch_size": batch_size, "queue_size": config["queue_size"], "text_length": args.text_length,
-        "vc_length": args.vc_length, "compile": args.compile, "cuda_graph": args.cuda_graph, "grad_checkpointing": args.grad_checkpointing,
-        "fused_attention": args.fused_attention, "steps": args.steps, "warmup": args.warmup,
+        "vc_length": args.vc_length, "compile": args.compile, "cuda_graph": args.cuda_graph,
+        "grad_checkpointing": args.grad_checkpointing, "fused_attention": args.fused_attention,
+        "steps": args.steps, "warmup": args.warmup,
     }
 
     torch.manual_seed(args.seed)
@@ -365,7 +367,8 @@ def run(args: argparse.Namespace) -> dict:
         "ms_per_step": round(1000 * seconds / max(1, args.steps), 2),
         "samples_per_s": round(batch_size * args.steps / seconds, 2) if seconds > 0 else None,
         "peak_memory_gib": round(memory, 3), "memory_kind": memory_kind,
-        "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3) if device.type == "cuda" else None,
+        "peak_reserved_gib": (round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
+                              if device.type == "cuda" else None),
         "losses": {name: round(value, 5) for name, value in zip(names, means)},
     })
     return record
@@ -380,7 +383,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             raise
         # A compile or capture failure is a result to report, not a crash of the benchmark suite.
         record = {"bench": "pretrain_step", "config": args.config, "device": args.device, "compile": args.compile,
-                  "cuda_graph": args.cuda_graph, "precision": args.precision, "batch_size": args.batch_size, "error": f"{type(error).__name__}: {str(error)[:800]}"}
+                  "cuda_graph": args.cuda_graph, "precision": args.precision, "batch_size": args.batch_size,
+                  "error": f"{type(error).__name__}: {str(error)[:800]}"}
         traceback.print_exc(file=sys.stderr)
     print(json.dumps(record), flush=True)
     return record

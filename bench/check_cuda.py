@@ -5,8 +5,10 @@
 On the tiny pretraining model (random weights, dropout off): fused (SDPA) vs explicit attention
 give the same losses and gradients in fp32; a bf16-autocast step stays close to the fp32 step
 (losses and gradient direction); the step captured in a CUDA graph and replayed gives the eager
-step's losses and weights (same seeds; new batch, alpha and learning rate each step); and the batched retrieval scorer gives the per-query loop's scores
-and ranks (fp32 exactly up to kernel rounding; bf16 rank agreement reported). Runs on CPU too.
+step's losses and weights (same seeds; new batch, alpha and learning rate each step); with
+``--compile_model``, so does the whole-model compiled step; and the batched retrieval scorer gives
+the per-query loop's scores and ranks (fp32 exactly up to kernel rounding; bf16 rank agreement
+reported). Runs on CPU too.
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ def build_parser(description: str, config: str, output_dir: str, data_json_dir: 
     parser.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="recompute activations in backward (default: the config's, off)")
     parser.add_argument("--cuda_graph", action=argparse.BooleanOptionalAction, default=None,
-                        help="Pretrain on one GPU: replay the training step as a CUDA graph (default: the config's, off)")
+                        help="Pretrain on one GPU: replay the training step as a CUDA graph "
+                             "(default: the config's, off)")
     return parser
 
 

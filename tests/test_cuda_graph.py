@@ -80,7 +80,8 @@ def test_batch_tensors_are_flattened_and_copied_in_place(tokenizer):
 
 def test_a_batch_of_another_shape_is_refused_with_the_field_and_shapes():
     static = (torch.zeros(4, 3), TokenBatch(torch.zeros(4, 25, dtype=torch.long), torch.zeros(4, 25, dtype=torch.long)))
-    shorter = (torch.zeros(4, 3), TokenBatch(torch.zeros(4, 25, dtype=torch.long), torch.zeros(4, 17, dtype=torch.long)))
+    shorter = (torch.zeros(4, 3),
+               TokenBatch(torch.zeros(4, 25, dtype=torch.long), torch.zeros(4, 17, dtype=torch.long)))
     with pytest.raises(ValueError, match=r"batch tensor 2 has shape \(4, 17\).*expects \(4, 25\).*fixed shapes"):
         copy_into_static(static, shorter)
     with pytest.raises(ValueError, match="batch tensor 0 .*torch.float64"):
