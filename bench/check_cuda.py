@@ -19,7 +19,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,7 @@ from dataset.synthetic import vocabulary  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.retrieval_eval import (FILL_SCORE, RetrievalFeatures, score_matrices,  # noqa: E402
                                    score_matrices_per_query)
-from engine.cuda_graph import GraphedTrainStep  # noqa: E402
-from engine.trainer import autocast_context  # noqa: E402
+from engine.cuda_graph import GraphedTrainStep, autocast_context  # noqa: E402
 from models import MODEL_BUILDERS  # noqa: E402
 from models.tokenization import build_tokenizer  # noqa: E402
 from optim import create_optimizer  # noqa: E402
@@ -115,80 +114,66 @@ def check_bf16_step(tokenizer, device: torch.device) -> dict:
             "ok": worst < 0.02 and cosine > 0.99}
 
 
-def check_graphed_step(tokenizer, device: torch.device, steps: int = 6, warmup: int = 2) -> dict:
-    """The CUDA-graph step (engine/cuda_graph.py) against the eager step: same weights, same seeds,
-    a different batch, alpha and learning rate at every step (the copies into the captured buffers);
-    fp32, dropout off. On CPU both run eagerly (the harness is checked, not the graph)."""
-    eager_model = tiny_model("pretrain", tokenizer, device)
-    eager_model.mlm_draws_on_device = True  # as under cuda_graph, for both
-    graph_model = copy.deepcopy(eager_model)
+def pretrain_terms(module: nn.Module, inputs, alpha) -> dict:
+    return module(inputs[0], (inputs[1], inputs[2]), alpha=alpha)
+
+
+def train_twins(tokenizer, device: torch.device, candidate_graphed: bool, steps: int, vary: bool,
+                prepare: Callable[[nn.Module], None] = lambda model: None) -> dict:
+    """Train the tiny model (dropout off, MLM masks drawn on the device, as under cuda_graph) and an
+    identical copy (``prepare``-d, stepped through a CUDA graph when ``candidate_graphed``) from the
+    same seeds. With ``vary`` each step gets another batch, alpha and learning rate (what the graph
+    copies into its captured buffers). Returns both loss histories, the largest relative loss gap and
+    the weight gap; ``ok`` when losses agree to 1e-3 and the weights differ by under 1 % of how far
+    the steps moved them."""
+    reference = tiny_model("pretrain", tokenizer, device)
+    reference.mlm_draws_on_device = True
+    candidate = copy.deepcopy(reference)
+    prepare(candidate)
+    start = torch.cat([p.detach().flatten() for p in reference.parameters()])
     image, caption, vc = make_batch(tokenizer, device)
-
-    def compute_terms(module, inputs, alpha):
-        return module(inputs[0], (inputs[1], inputs[2]), alpha=alpha)
-
-    runners = []
-    for model, enabled in ((eager_model, False), (graph_model, True)):
+    runs = []
+    for model, graphed in ((reference, False), (candidate, candidate_graphed)):
         optimizer = create_optimizer(tiny_config("Pretrain")["optimizer"], model)
-        runners.append((optimizer, GraphedTrainStep(model, optimizer, compute_terms, bf16=False,
-                                                    max_grad_norm=5.0, warmup_steps=warmup, enabled=enabled)))
-    histories: list[list[dict]] = [[], []]
-    for step in range(steps):
-        shift = step % len(CAPTIONS)
-        batch = (image.roll(shift, 0), caption[torch.arange(len(CAPTIONS)).roll(shift)], vc)
-        for (optimizer, runner), history in zip(runners, histories):
+        runner = GraphedTrainStep(model, optimizer, pretrain_terms, bf16=False, max_grad_norm=5.0, warmup_steps=2,
+                                  enabled=graphed)
+        history = []
+        for step in range(steps):
+            shift = step % len(CAPTIONS) if vary else 0
+            batch = (image.roll(shift, 0), caption[torch.arange(len(CAPTIONS)).roll(shift)], vc)
             for group in optimizer.param_groups:
-                group["lr"] = 1e-4 * (1 + step)
+                group["lr"] = 1e-4 * (1 + step) if vary else 1e-4
             torch.manual_seed(100 + step)
-            _, terms = runner(batch, 0.1 * step)
+            _, terms = runner(batch, 0.1 * step if vary else 0.4)
             history.append({k: float(v) for k, v in terms.items()})
-    worst = max(abs(a[k] - b[k]) / (abs(a[k]) + 1e-6) for a, b in zip(*histories) for k in a)
-    eager_params = torch.cat([p.detach().flatten() for p in eager_model.parameters()])
-    graph_params = torch.cat([p.detach().flatten() for p in graph_model.parameters()])
-    start_params = torch.cat([p.detach().flatten() for p in tiny_model("pretrain", tokenizer, device).parameters()])
-    moved = relative_gap(eager_params, start_params)
-    param_gap = relative_gap(graph_params, eager_params)
-    queues_equal = bool(torch.equal(eager_model.queue_ptr, graph_model.queue_ptr))
-    captured = runners[1][1].captured
-    return {"captured": captured, "eager_losses": histories[0], "graph_losses": histories[1],
-            "max_relative_loss_diff": worst, "param_relative_diff": param_gap, "params_moved": moved,
-            "queue_ptr_equal": queues_equal,
-            # the two runs' weights differ by under 1 % of how far the steps moved them
-            "ok": worst < 1e-3 and param_gap < 1e-2 * moved and queues_equal and (captured or device.type != "cuda")}
+        runs.append((history, torch.cat([p.detach().flatten() for p in model.parameters()]), runner))
+    (losses_a, weights_a, _), (losses_b, weights_b, runner_b) = runs
+    worst = max(abs(a[k] - b[k]) / (abs(a[k]) + 1e-6) for a, b in zip(losses_a, losses_b) for k in a)
+    param_gap, moved = relative_gap(weights_b, weights_a), relative_gap(weights_a, start)
+    return {"reference_losses": losses_a, "candidate_losses": losses_b, "max_relative_loss_diff": worst,
+            "param_relative_diff": param_gap, "params_moved": moved, "captured": runner_b.captured,
+            "queue_ptr_equal": bool(torch.equal(reference.queue_ptr, candidate.queue_ptr)),
+            "ok": worst < 1e-3 and param_gap < 1e-2 * moved}
 
 
-def check_compiled_step(tokenizer, device: torch.device, steps: int = 3) -> dict:
-    """The whole forward compiled as one graph (``bench_pretrain.py --compile model``) against eager:
-    same weights and seeds, fp32, dropout off, inductor drawing random numbers with the eager ops
-    (``fallback_random``) so both see the same masks. Minutes of compiling: only with --compile_model."""
+def check_graphed_step(tokenizer, device: torch.device) -> dict:
+    """The CUDA-graph step (engine/cuda_graph.py) against the eager step over 6 steps (2 eager warm-up,
+    then capture and replays), a new batch, alpha and learning rate each step; fp32. On CPU both run
+    eagerly (the harness is checked, not the graph)."""
+    result = train_twins(tokenizer, device, candidate_graphed=True, steps=6, vary=True)
+    result["ok"] = result["ok"] and result["queue_ptr_equal"] and (result["captured"] or device.type != "cuda")
+    return result
+
+
+def check_compiled_step(tokenizer, device: torch.device) -> dict:
+    """The whole forward compiled as one graph (``bench_pretrain.py --compile model``) against eager over
+    3 steps, fp32, inductor drawing random numbers with the eager ops (``fallback_random``) so both see
+    the same masks. Minutes of compiling: only with --compile_model."""
     import torch._inductor.config as inductor_config
 
     inductor_config.fallback_random = True
-    eager_model = tiny_model("pretrain", tokenizer, device)
-    eager_model.mlm_draws_on_device = True  # as under cuda_graph, where the compiled model runs
-    compiled_model = copy.deepcopy(eager_model)
-    compiled_model.compile()
-    start = torch.cat([p.detach().flatten() for p in eager_model.parameters()])
-    image, caption, vc = make_batch(tokenizer, device)
-
-    def compute_terms(module, inputs, alpha):
-        return module(inputs[0], (inputs[1], inputs[2]), alpha=alpha)
-
-    histories, weights = [], []
-    for model in (eager_model, compiled_model):
-        optimizer = create_optimizer(tiny_config("Pretrain")["optimizer"], model)
-        runner = GraphedTrainStep(model, optimizer, compute_terms, bf16=False, enabled=False)
-        history = []
-        for step in range(steps):
-            torch.manual_seed(100 + step)
-            history.append({k: float(v) for k, v in runner((image, caption, vc), 0.4)[1].items()})
-        histories.append(history)
-        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    worst = max(abs(a[k] - b[k]) / (abs(a[k]) + 1e-6) for a, b in zip(*histories) for k in a)
-    param_gap, moved = relative_gap(weights[1], weights[0]), relative_gap(weights[0], start)
-    return {"eager_losses": histories[0], "compiled_losses": histories[1], "max_relative_loss_diff": worst,
-            "param_relative_diff": param_gap, "params_moved": moved,
-            "ok": worst < 1e-3 and param_gap < 1e-2 * moved}
+    return train_twins(tokenizer, device, candidate_graphed=False, steps=3, vary=False,
+                       prepare=lambda model: model.compile())
 
 
 def top_k_order(scores: torch.Tensor, k: int) -> torch.Tensor:

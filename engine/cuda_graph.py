@@ -76,6 +76,13 @@ def copy_into_static(static: Any, batch: Any) -> None:
         target.copy_(source, non_blocking=True)
 
 
+def autocast_context(device: torch.device, bf16: bool):
+    """bf16 autocast on ``device`` when ``bf16``, else nothing (the config key ``bf16``)."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 class GraphedTrainStep:
     """``step(batch, alpha) -> (loss, terms)``: the trainer's step, captured once and then replayed.
 
@@ -91,7 +98,8 @@ class GraphedTrainStep:
         self.model, self.optimizer, self.compute_terms = model, optimizer, compute_terms
         self.bf16, self.max_grad_norm = bf16, max_grad_norm
         self.warmup_steps = warmup_steps
-        self.enabled = enabled and torch.cuda.is_available() and self._on_cuda()
+        self.device = next(model.parameters()).device
+        self.enabled = enabled and self.device.type == "cuda"
         self.calls = 0
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self._static_batch: Any = None
@@ -103,22 +111,13 @@ class GraphedTrainStep:
                 group["capturable"] = True
             optimizer.defaults["capturable"] = True
 
-    def _on_cuda(self) -> bool:
-        return any(p.is_cuda for p in self.model.parameters())
-
     @property
     def captured(self) -> bool:
         return self.graph is not None
 
     # ------------------------------------------------------------------------------------------
-    def _autocast(self):
-        if not self.bf16:
-            return contextlib.nullcontext()
-        device_type = "cuda" if self.enabled else next(self.model.parameters()).device.type
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-
     def _plain_step(self, batch: Any, alpha: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with self._autocast():
+        with autocast_context(self.device, self.bf16):
             terms = self.compute_terms(self.model, batch, alpha)
         loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
@@ -129,7 +128,7 @@ class GraphedTrainStep:
         return loss.detach(), {name: value.detach() for name, value in terms.items()}
 
     def _capture(self, batch: Any, alpha: float) -> None:
-        device = next(self.model.parameters()).device
+        device = self.device
         self._static_batch = map_tensors(lambda t: t.detach().clone(), batch)
         self._static_alpha = torch.tensor(float(alpha), device=device)
         # The captured optimizer reads its learning rates from device tensors; the groups get their

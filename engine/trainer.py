@@ -9,7 +9,6 @@ alpha ramp and the step-wise warm-up, evaluation, ``log.txt`` and an atomic chec
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import json
@@ -65,12 +64,6 @@ class NonFiniteGuard:
                 f"non-finite loss at epoch {epoch}, step {step}: {terms}. "
                 "Stopped before writing a checkpoint; the last saved checkpoint is intact."
             ) from cause
-
-
-def autocast_context(device: torch.device, bf16: bool):
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def train_one_epoch(task: Task, model: nn.Module, loader, optimizer, scheduler, epoch: int, config: dict,

@@ -108,3 +108,43 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny random pretraining model and batch, for the tests of the fast paths (no data generation)
+
+TINY_CAPTIONS = ["a small red circle on the left", "a large blue square",
+                 "there is a green star in the middle of the picture", "a white cross"]
+TINY_CONCEPTS = ["red circle small left", "blue square", "green star middle picture shape", "white cross"]
+
+
+@pytest.fixture(scope="session")
+def vocab_tokenizer(tmp_path_factory):
+    """The tokenizer of the generated demo vocabulary, without generating the data."""
+    from dataset.synthetic import vocabulary
+    from models.tokenization import build_tokenizer
+
+    folder = tmp_path_factory.mktemp("vocab")
+    (folder / "vocab.txt").write_text("\n".join(vocabulary()) + "\n")
+    return build_tokenizer(str(folder))
+
+
+def tiny_pretrain_model(tokenizer, dropout: bool = True, **config_overrides) -> torch.nn.Module:
+    """``configs/demo/Pretrain.yaml``'s model with seed-0 random weights; ``dropout=False`` makes every
+    dropout the identity (train mode kept: MAE masking, negatives and MLM masks still drawn)."""
+    from models import MODEL_BUILDERS
+
+    torch.manual_seed(0)
+    model = MODEL_BUILDERS["pretrain"](demo_config("Pretrain", **config_overrides), text_encoder=None,
+                                       tokenizer=tokenizer)
+    if not dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    return model
+
+
+def tiny_pretrain_batch(tokenizer, seed: int = 1):
+    """(images, captions, VCs) of 4 samples at 64 px; texts of different lengths, so padding matters."""
+    image = torch.randn(len(TINY_CAPTIONS), 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return image, tokenizer(TINY_CAPTIONS, max_length=25), tokenizer(TINY_CONCEPTS, max_length=55)

@@ -15,47 +15,24 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO
-from dataset.synthetic import vocabulary
+from conftest import REPO, demo_config, tiny_pretrain_batch, tiny_pretrain_model
 from engine.cli import build_parser, parse_and_load
-from engine.config import load_config
 from engine.cuda_graph import GraphedTrainStep, copy_into_static, flatten_tensors, map_tensors
 from engine.tasks import TASKS
 from engine.trainer import build_train_step
-from models import MODEL_BUILDERS, losses
+from models import losses
 from models.model_pretrain import mlm_draws_on_device
-from models.tokenization import TokenBatch, build_tokenizer
+from models.tokenization import TokenBatch
 from optim import create_optimizer
-
-CAPTIONS = ["a small red circle on the left", "a large blue square", "a green star in the middle", "a white cross"]
-CONCEPTS = ["red circle small left", "blue square", "green star middle picture shape", "white cross"]
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("vocab")
-    (folder / "vocab.txt").write_text("\n".join(vocabulary()) + "\n")
-    return build_tokenizer(str(folder))
-
-
-def tiny_config(**overrides) -> dict:
-    config = load_config(os.path.join(REPO, "configs/demo/Pretrain.yaml"))
-    config.update(bert_config=os.path.join(REPO, config["bert_config"]), init_deit=False, **overrides)
-    return config
+def tokenizer(vocab_tokenizer):
+    return vocab_tokenizer
 
 
 def tiny_model(tokenizer, **overrides) -> nn.Module:
-    torch.manual_seed(0)
-    model = MODEL_BUILDERS["pretrain"](tiny_config(**overrides), text_encoder=None, tokenizer=tokenizer)
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    return model
-
-
-def make_batch(tokenizer, seed: int = 1):
-    image = torch.randn(len(CAPTIONS), 3, 64, 64, generator=torch.Generator().manual_seed(seed))
-    return image, tokenizer(CAPTIONS, max_length=25), tokenizer(CONCEPTS, max_length=55)
+    return tiny_pretrain_model(tokenizer, dropout=False, **overrides)
 
 
 def compute_terms(model, batch, alpha):
@@ -95,16 +72,16 @@ def test_a_batch_of_another_shape_is_refused_with_the_field_and_shapes():
 def test_without_cuda_the_step_is_the_plain_trainer_step(tokenizer):
     model = tiny_model(tokenizer)
     reference = copy.deepcopy(model)
-    config = tiny_config()
+    config = demo_config("Pretrain")
     runner = GraphedTrainStep(model, create_optimizer(config["optimizer"], model), compute_terms, bf16=False,
                               max_grad_norm=1.0, warmup_steps=1, enabled=True)
     assert not runner.enabled  # no CUDA here: every call runs eagerly
     optimizer = create_optimizer(config["optimizer"], reference)
-    batch = make_batch(tokenizer)
-    for step in range(3):
-        torch.manual_seed(10 + step)
+    batch = tiny_pretrain_batch(tokenizer)
+    for step in range(3):  # seeds that mask some caption token (none masked: MLM is 0/0, as the original's)
+        torch.manual_seed(100 + step)
         loss, terms = runner(batch, 0.2 * step)
-        torch.manual_seed(10 + step)
+        torch.manual_seed(100 + step)
         expected = compute_terms(reference, batch, 0.2 * step)
         optimizer.zero_grad(set_to_none=True)
         total = sum(expected.values())
@@ -121,7 +98,7 @@ def test_without_cuda_the_step_is_the_plain_trainer_step(tokenizer):
 def test_a_tensor_alpha_gives_the_losses_of_the_float(tokenizer):
     """The captured step passes alpha as a device scalar (filled before each replay)."""
     model = tiny_model(tokenizer).eval()
-    batch = make_batch(tokenizer)
+    batch = tiny_pretrain_batch(tokenizer)
     results = []
     for alpha in (0.4, torch.tensor(0.4)):  # each on a fresh copy: a step moves the queues and twins
         torch.manual_seed(3)
@@ -164,13 +141,13 @@ def test_mlm_mask_draws_follow_cuda_graph_unless_set():
 
 def test_cuda_graph_is_refused_where_it_cannot_run(tokenizer):
     model = tiny_model(tokenizer)
-    optimizer = create_optimizer(tiny_config()["optimizer"], model)
-    config = tiny_config(cuda_graph=True)
+    optimizer = create_optimizer(demo_config("Pretrain")["optimizer"], model)
+    config = demo_config("Pretrain", cuda_graph=True)
     with pytest.raises(ValueError, match=r"cuda_graph: true needs a CUDA device \(this run uses cpu\)"):
         build_train_step(TASKS["pretrain"](), model, optimizer, config, torch.device("cpu"))
     with pytest.raises(ValueError, match="fixed batch shapes \\(Pretrain; not Retrieval\\)"):
         build_train_step(TASKS["retrieval"](), model, optimizer, config, torch.device("cpu"))
-    eager = build_train_step(TASKS["pretrain"](), model, optimizer, tiny_config(), torch.device("cpu"))
+    eager = build_train_step(TASKS["pretrain"](), model, optimizer, demo_config("Pretrain"), torch.device("cpu"))
     assert not eager.enabled
 
 
@@ -179,7 +156,7 @@ def test_cuda_graph_pads_pretraining_texts_to_fixed_lengths(tokenizer):
     args = type("Args", (), {"seed": 0})()
     dataset = [(torch.zeros(3, 8, 8), ("a red circle", "red circle")), (torch.zeros(3, 8, 8), ("a cross", "cross"))]
     for graphed, lengths in ((False, None), (True, (25, 55))):
-        config = tiny_config(cuda_graph=graphed, batch_size=2, num_workers=0)
+        config = demo_config("Pretrain", cuda_graph=graphed, batch_size=2, num_workers=0)
         loader = task.build_loaders({"train": dataset}, config, args, tokenizer)["train"]
         _, (caption, vc) = next(iter(loader))
         if lengths is None:
@@ -236,10 +213,10 @@ def test_a_failed_capture_says_so_and_leaves_the_learning_rates_as_floats(tokeni
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
     monkeypatch.setattr(torch.cuda, "graph", refusing_capture)
     model = tiny_model(tokenizer)
-    optimizer = create_optimizer(tiny_config()["optimizer"], model)
+    optimizer = create_optimizer(demo_config("Pretrain")["optimizer"], model)
     runner = GraphedTrainStep(model, optimizer, compute_terms, bf16=False, enabled=False)
     with pytest.raises(RuntimeError, match="cuda_graph: capturing the training step failed .*not permitted.*"
                                            "cuda_graph: false"):
-        runner._capture(make_batch(tokenizer), 0.4)
+        runner._capture(tiny_pretrain_batch(tokenizer), 0.4)
     assert all(isinstance(group["lr"], float) for group in optimizer.param_groups)
     assert not runner.captured

@@ -9,25 +9,16 @@ The retrieval batched-vs-per-query check lives in test_retrieval.py.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import REPO
-from dataset.synthetic import vocabulary
-from engine.config import load_config
-from engine.trainer import autocast_context
-from models import MODEL_BUILDERS
+from conftest import demo_config, tiny_pretrain_batch, tiny_pretrain_model
+from engine.cuda_graph import autocast_context
 from models.backbone import QueueMixin
-from models.tokenization import build_tokenizer
 from optim import create_optimizer
-
-CAPTIONS = ["a small red circle on the left", "a large blue square",
-            "there is a green star in the middle of the picture", "a white cross"]
-CONCEPTS = ["red circle small left", "blue square", "green star middle picture shape", "white cross"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,38 +32,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    """The generated demo vocabulary (no data generation needed)."""
-    folder = tmp_path_factory.mktemp("vocab")
-    (folder / "vocab.txt").write_text("\n".join(vocabulary()) + "\n")
-    return build_tokenizer(str(folder))
-
-
-def tiny_config(**overrides) -> dict:
-    config = load_config(os.path.join(REPO, "configs/demo/Pretrain.yaml"))
-    config["bert_config"] = os.path.join(REPO, config["bert_config"])
-    config["init_deit"] = False  # random weights: nothing to read
-    config.update(overrides)
-    return config
-
-
-def tiny_model(tokenizer, **overrides) -> nn.Module:
-    torch.manual_seed(0)
-    return MODEL_BUILDERS["pretrain"](tiny_config(**overrides), text_encoder=None, tokenizer=tokenizer)
-
-
-def make_batch(tokenizer):
-    """Captions and VC strings of different lengths, so padding masks matter."""
-    generator = torch.Generator().manual_seed(1)
-    image = torch.randn(len(CAPTIONS), 3, 64, 64, generator=generator)
-    return image, tokenizer(CAPTIONS, max_length=25), tokenizer(CONCEPTS, max_length=55)
-
-
-def dropout_off(model: nn.Module) -> None:
-    """Keep train mode (checkpointing, MAE masking) but make every dropout the identity."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
+def tokenizer(vocab_tokenizer):
+    return vocab_tokenizer
 
 
 def count_sdpa_calls(monkeypatch) -> list[int]:
@@ -93,13 +54,13 @@ def count_sdpa_calls(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("mask_vc_padding", [False, True], ids=["faithful", "masked_vc_padding"])
 def test_fused_and_explicit_attention_give_the_same_losses_and_gradients(tokenizer, monkeypatch, mask_vc_padding):
-    fused = tiny_model(tokenizer, mask_vc_padding=mask_vc_padding)
+    fused = tiny_pretrain_model(tokenizer, mask_vc_padding=mask_vc_padding)
     fused.eval()  # no dropout: the two paths draw the same masks and negatives from the same seed
     explicit = copy.deepcopy(fused)
     explicit.set_fused_attention(False)
     for block in explicit.decoder_blocks:  # the MAE decoder is not reached by set_fused_attention
         block.attn.fused_attn = False
-    image, caption, vc = make_batch(tokenizer)
+    image, caption, vc = tiny_pretrain_batch(tokenizer)
     calls = count_sdpa_calls(monkeypatch)
     results = []
     for model in (fused, explicit):
@@ -119,8 +80,8 @@ def test_fused_and_explicit_attention_give_the_same_losses_and_gradients(tokeniz
 
 
 def test_fused_and_explicit_attention_agree_on_each_encoder(tokenizer):
-    model = tiny_model(tokenizer, mask_vc_padding=True).eval()
-    image, caption, vc = make_batch(tokenizer)
+    model = tiny_pretrain_model(tokenizer, mask_vc_padding=True).eval()
+    image, caption, vc = tiny_pretrain_batch(tokenizer)
     outputs = []
     with torch.no_grad():
         for fused in (True, False):
@@ -139,7 +100,7 @@ def test_fused_and_explicit_attention_agree_on_each_encoder(tokenizer):
 
 def _train_steps(model: nn.Module, batch, bf16: bool, steps: int = 2) -> tuple[list[dict], list[torch.Tensor]]:
     """``steps`` trainer-ordered steps; returns each step's losses and the first step's gradients."""
-    config = tiny_config()
+    config = demo_config("Pretrain")
     optimizer = create_optimizer(config["optimizer"], model)
     image, caption, vc = batch
     history, first_grads = [], []
@@ -158,10 +119,9 @@ def _train_steps(model: nn.Module, batch, bf16: bool, steps: int = 2) -> tuple[l
 
 
 def test_bf16_training_step_is_close_to_the_fp32_step(tokenizer):
-    reference = tiny_model(tokenizer)
-    dropout_off(reference)
+    reference = tiny_pretrain_model(tokenizer, dropout=False)
     low = copy.deepcopy(reference)
-    batch = make_batch(tokenizer)
+    batch = tiny_pretrain_batch(tokenizer)
     fp32_losses, fp32_grads = _train_steps(reference, batch, bf16=False)
     bf16_losses, bf16_grads = _train_steps(low, batch, bf16=True)
     for step, (a, b) in enumerate(zip(fp32_losses, bf16_losses)):
@@ -178,7 +138,7 @@ def test_bf16_training_step_is_close_to_the_fp32_step(tokenizer):
 
 
 def test_foreach_momentum_update_equals_the_per_parameter_formula(tokenizer):
-    model = tiny_model(tokenizer)
+    model = tiny_pretrain_model(tokenizer)
     model.momentum = 0.9
     with torch.no_grad():
         for param in model.parameters():
@@ -246,7 +206,7 @@ def test_queue_refuses_a_batch_that_does_not_divide_it():
 
 
 def test_fused_foreach_and_loop_adamw_give_the_same_weights(tokenizer):
-    base = tiny_model(tokenizer)
+    base = tiny_pretrain_model(tokenizer)
     finals = []
     for fused in (True, None, False):  # fused kernel, automatic (foreach on CPU), plain loop
         model = copy.deepcopy(base)
