@@ -68,6 +68,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "trainer's cuda_graph key); MLM masks are then drawn on the device")
     p.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--fused_attention", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--share_image_keys_values", action=argparse.BooleanOptionalAction, default=True,
+                   help="project the fusion cross-attention keys/values of the images once per step")
     p.add_argument("--text_length", type=int, default=25, help="caption tokens ([CLS] + 24 pieces, as the original)")
     p.add_argument("--vc_length", type=int, default=55, help="visual-concept tokens per image")
     p.add_argument("--alpha", type=float, default=0.4, help="distillation weight (the value after epoch 0)")
@@ -291,6 +293,7 @@ def run(args: argparse.Namespace) -> dict:
     config["grad_checkpointing"] = args.grad_checkpointing
     config["cuda_graph"] = args.cuda_graph
     config["fused_attention"] = args.fused_attention
+    config["share_image_keys_values"] = args.share_image_keys_values
     batch_size = config["batch_size"]
     if config["queue_size"] % batch_size:
         raise ValueError(f"queue_size {config['queue_size']} is not a multiple of the batch size {batch_size}; "
@@ -302,6 +305,7 @@ def run(args: argparse.Namespace) -> dict:
         "batch_size": batch_size, "queue_size": config["queue_size"], "text_length": args.text_length,
         "vc_length": args.vc_length, "compile": args.compile, "cuda_graph": args.cuda_graph,
         "grad_checkpointing": args.grad_checkpointing, "fused_attention": args.fused_attention,
+        "share_image_keys_values": args.share_image_keys_values,
         "steps": args.steps, "warmup": args.warmup,
     }
 

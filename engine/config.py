@@ -141,6 +141,8 @@ _TOP: dict[str, _Key] = {
     "bf16": _Key("bool", False, "autocast forward passes to bfloat16"),
     "grad_checkpointing": _Key("bool", False, "recompute activations in backward to save memory"),
     "fused_attention": _Key("bool", True, "scaled_dot_product_attention (False = explicit attention maps)"),
+    "share_image_keys_values": _Key("bool", True, "project the images' fusion cross-attention keys/values once "
+                                    "for all ITM/MLM passes (False = once per pass, as the original; same math)"),
     "num_workers": _Key("int", 4, "DataLoader worker processes"),
     "print_freq": _Key("int", 50, "iterations between console log lines"),
     "eval_batch_size_text": _Key("int", 64, "Retrieval evaluation: texts per encoder batch"),

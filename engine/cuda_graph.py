@@ -127,10 +127,32 @@ class GraphedTrainStep:
         self.optimizer.step()
         return loss.detach(), {name: value.detach() for name, value in terms.items()}
 
+    def _alpha_input(self, alpha: float) -> torch.Tensor:
+        """The device tensor the warm-up and the capture both pass as alpha, holding ``alpha``."""
+        if self._static_alpha is None:
+            self._static_alpha = torch.tensor(float(alpha), device=self.device)
+        else:
+            self._static_alpha.fill_(float(alpha))
+        return self._static_alpha
+
+    def _warmup(self, batch: Any, alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """An eager step on a side stream (cuBLAS workspaces, autograd's stream bookkeeping) with the
+        argument types of the capture: a compiled model that saw a float alpha here would recompile
+        inside the capture, which cannot run the compiler's host syncs."""
+        alpha_tensor = self._alpha_input(alpha)
+        if self.device.type != "cuda":
+            return self._plain_step(batch, alpha_tensor)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            result = self._plain_step(batch, alpha_tensor)
+        torch.cuda.current_stream().wait_stream(side)
+        return result
+
     def _capture(self, batch: Any, alpha: float) -> None:
         device = self.device
         self._static_batch = map_tensors(lambda t: t.detach().clone(), batch)
-        self._static_alpha = torch.tensor(float(alpha), device=device)
+        self._alpha_input(alpha)
         # The captured optimizer reads its learning rates from device tensors; the groups get their
         # floats back afterwards, so schedulers, logging and state_dict() work as before.
         floats = [group["lr"] for group in self.optimizer.param_groups]
@@ -168,13 +190,7 @@ class GraphedTrainStep:
         if not self.enabled:
             return self._plain_step(batch, alpha)
         if self.calls <= self.warmup_steps:
-            # Eager warm-up on a side stream (cuBLAS workspaces, autograd's stream bookkeeping).
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                result = self._plain_step(batch, alpha)
-            torch.cuda.current_stream().wait_stream(side)
-            return result
+            return self._warmup(batch, alpha)
         if self.graph is None:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # the warm-up's cached blocks go back, so the graph's pool can take them

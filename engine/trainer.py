@@ -174,6 +174,8 @@ def configure_runtime(model: nn.Module, config: dict) -> None:
     """Apply the speed switches of the config to a freshly built model."""
     if hasattr(model, "set_fused_attention"):
         model.set_fused_attention(get_option(config, "fused_attention"))
+    if hasattr(model, "share_image_keys_values"):
+        model.share_image_keys_values = get_option(config, "share_image_keys_values")
     if get_option(config, "grad_checkpointing") and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
 

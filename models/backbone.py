@@ -19,7 +19,7 @@ from torch import nn
 from models import losses
 from models.tokenization import TokenBatch
 from models.vit import VisionTransformer, load_deit_weights, DEIT_BASE_URL
-from models.xbert import BertConfig, BertForMaskedLM, BertLMHeadModel, BertModel
+from models.xbert import BertConfig, BertForMaskedLM, BertLMHeadModel, BertModel, ImageKeysValues
 from utils import concat_all_gather
 
 logger = logging.getLogger(__name__)
@@ -213,6 +213,10 @@ class AlignmentMixin:
     Needs ``temp``, ``itm_head``, the queues, and a text encoder whose BERT part runs 'fusion'.
     """
 
+    # Project each image's cross-attention keys/values once for all fusion passes that read it
+    # (xbert.ImageKeysValues); off = one projection per pass, as the original (same math).
+    share_image_keys_values: bool = True
+
     def build_alignment_towers(self, config: dict, bert_config: BertConfig, text_kind: str, weights: Optional[str],
                                init_deit: bool, return_hidden_state: bool = False) -> None:
         """Encoders, VC path, ITC projections, ``temp``, ``itm_head`` and their momentum twins, in the
@@ -280,12 +284,15 @@ class AlignmentMixin:
         return out.last_hidden_state[:, 0]
 
     def itm_loss(self, image_embeds, image_mask, text_embeds, text_mask, sim_i2t, sim_t2i,
-                 idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 idx: Optional[torch.Tensor] = None,
+                 image_keys_values: Optional[ImageKeysValues] = None) -> torch.Tensor:
         """ITM over [positives; text + hard-negative image; image + hard-negative text] (§3.5).
 
         Negatives are drawn from softmax(sim[:, :B]) with the positive excluded: the diagonal, or
         (retrieval, ``idx`` given) every pair showing the same image. With ``itm_negatives: random``
         (not the original) they are drawn uniformly from the same allowed items instead.
+        The fusion reads the images' cross-attention keys/values projected once
+        (``image_keys_values``, computed here when not given) unless ``share_image_keys_values`` is off.
         """
         batch = image_embeds.shape[0]
         with torch.no_grad():
@@ -302,7 +309,13 @@ class AlignmentMixin:
         negative_texts = losses.sample_negatives(weights_i2t)  # one text per image
         texts = torch.cat([text_embeds, text_embeds, text_embeds[negative_texts]], dim=0)
         masks = torch.cat([text_mask, text_mask, text_mask[negative_texts]], dim=0)
-        images = torch.cat([image_embeds, image_embeds[negative_images], image_embeds], dim=0)
+        if self.share_image_keys_values:
+            if image_keys_values is None:
+                image_keys_values = self.text_bert.image_keys_values(image_embeds)
+            positives = torch.arange(batch, device=negative_images.device)
+            images = image_keys_values.select(torch.cat([positives, negative_images, positives]))
+        else:
+            images = torch.cat([image_embeds, image_embeds[negative_images], image_embeds], dim=0)
         image_masks = None
         if image_mask is not None:
             image_masks = torch.cat([image_mask, image_mask[negative_images], image_mask], dim=0)

@@ -121,10 +121,14 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
         loss_ita = loss_itc
         if self.hierarchical:
             loss_ita = loss_itc + self.hidden_weight * self.hierarchical_loss(image_hidden, text_out.hidden_states)
-        # 7. ITM with hard negatives
-        loss_itm = self.itm_loss(image_embeds, image_mask, text_embeds, caption.attention_mask, sim_i2t, sim_t2i)
-        # 8. MLM with distillation
-        loss_mlm = self.mlm_loss(caption, image_embeds, image_embeds_m, image_mask, alpha)
+        # 7. ITM with hard negatives; 8. MLM with distillation. Both read the images' cross-attention
+        # keys/values, projected once (xbert.ImageKeysValues) unless share_image_keys_values is off.
+        image_states = image_embeds
+        if self.share_image_keys_values:
+            image_states = self.text_encoder.bert.image_keys_values(image_embeds)
+        loss_itm = self.itm_loss(image_embeds, image_mask, text_embeds, caption.attention_mask, sim_i2t, sim_t2i,
+                                 image_keys_values=image_states if self.share_image_keys_values else None)
+        loss_mlm = self.mlm_loss(caption, image_states, image_embeds_m, image_mask, alpha)
         result = {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm}
         # 9. MAE
         if self.use_mae:
@@ -145,14 +149,15 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
         return losses.hierarchical_contrastive_loss(
             image_cls, text_cls, gathered_image, gathered_text, self.temp, self.hidden_weights, offset)
 
-    def mlm_loss(self, caption: TokenBatch, image_embeds, image_embeds_m, image_mask, alpha: float) -> torch.Tensor:
+    def mlm_loss(self, caption: TokenBatch, image_states, image_embeds_m, image_mask, alpha: float) -> torch.Tensor:
+        """Distilled MLM; ``image_states``: the image tokens or their projected ImageKeysValues."""
         input_ids, labels = losses.mask_tokens(
             caption.input_ids, self.vocab_size, self.mask_token_id, self.pad_token_id, self.cls_token_id,
             self.mlm_probability, draw_on_device=self.mlm_draws_on_device)
         with torch.no_grad():
             logits_m = self.text_encoder_m(input_ids, caption.attention_mask, encoder_hidden_states=image_embeds_m,
                                            encoder_attention_mask=image_mask, return_logits=True)
-        out = self.text_encoder(input_ids, caption.attention_mask, encoder_hidden_states=image_embeds,
+        out = self.text_encoder(input_ids, caption.attention_mask, encoder_hidden_states=image_states,
                                 encoder_attention_mask=image_mask, labels=labels,
                                 soft_labels=F.softmax(logits_m.float(), dim=-1), alpha=alpha)
         return out.loss

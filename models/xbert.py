@@ -9,6 +9,8 @@ What differs from stock BERT (models.md §1.2):
   [fusion_layer, L), ``'multi_modal'`` = all;
 * ``encoder_embeds`` skips the embedding layer (fusion on top of an earlier text pass);
 * a list of image token sequences is used round-robin by the fusion layers (NLVR2);
+* the image side of the cross-attention can be projected once (``BertModel.image_keys_values``) and
+  reused by several fusion passes over rows of the same images (pretraining ITM + MLM);
 * hidden states are collected over the executed layers only.
 
 Attention runs through ``F.scaled_dot_product_attention``; an explicit path that materialises
@@ -30,7 +32,38 @@ from torch.utils.checkpoint import checkpoint
 
 from models import losses
 
-ImageStates = Union[torch.Tensor, Sequence[torch.Tensor], None]
+
+
+@dataclass
+class ImageKeysValues:
+    """Cross-attention keys and values of a batch of image tokens, per fusion layer, in head layout.
+
+    Pretraining runs the fusion layers four times per image (ITM positive, ITM negatives, MLM), and
+    each pass would project the same image tokens (CLS + patches + VCs: 312 at the paper config) again
+    in every fusion layer: about a tenth of the step's FLOPs. Projecting them once and picking rows is
+    the same math (a linear map commutes with row selection). ``rows`` (optional) names, for each text
+    of a pass, the image row it attends to.
+    """
+
+    keys: dict[int, torch.Tensor]  # layer index -> (B, heads, S, head_dim)
+    values: dict[int, torch.Tensor]
+    rows: Optional[torch.Tensor] = None
+
+    def select(self, rows: torch.Tensor) -> "ImageKeysValues":
+        """The same projections, attended by texts whose images are ``rows`` (indices into this batch)."""
+        return ImageKeysValues(self.keys, self.values, rows if self.rows is None else self.rows[rows])
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index not in self.keys:
+            raise KeyError(f"no precomputed image keys/values for BERT layer {index} "
+                           f"(have layers {sorted(self.keys)})")
+        keys, values = self.keys[index], self.values[index]
+        if self.rows is not None:
+            keys, values = keys[self.rows], values[self.rows]
+        return keys, values
+
+
+ImageStates = Union[torch.Tensor, ImageKeysValues, Sequence[torch.Tensor], None]
 
 
 @dataclass
@@ -149,13 +182,20 @@ class BertSelfAttention(nn.Module):
     def get_attn_gradients(self) -> Optional[torch.Tensor]:
         return self.attn_gradients
 
+    def project_keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, heads, S, head_dim) of ``source`` tokens."""
+        return self._heads(self.key(source)), self._heads(self.value(source))
+
     def forward(
-        self, hidden: torch.Tensor, additive_mask: Optional[torch.Tensor], keys_values: Optional[torch.Tensor] = None
+        self, hidden: torch.Tensor, additive_mask: Optional[torch.Tensor],
+        keys_values: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor], None] = None,
     ) -> torch.Tensor:
-        source = keys_values if self.is_cross else hidden
+        """``keys_values`` (cross-attention only): image tokens, or their projected (keys, values)."""
         q = self._heads(self.query(hidden))
-        k = self._heads(self.key(source))
-        v = self._heads(self.value(source))
+        if self.is_cross and isinstance(keys_values, tuple):
+            k, v = keys_values
+        else:
+            k, v = self.project_keys_values(keys_values if self.is_cross else hidden)
         dropout_p = self.dropout.p if self.training else 0.0
         explicit = (self.save_attention and self.is_cross) or not self.fused
         if explicit:
@@ -258,6 +298,8 @@ class BertEncoder(nn.Module):
             if layer.has_cross_attention and image_states is not None:
                 slot = (i - fusion) % len(image_states)
                 states, mask = image_states[slot], image_masks[slot]
+                if isinstance(states, ImageKeysValues):
+                    states = states.layer(i)
             if self.gradient_checkpointing and self.training:
                 hidden = checkpoint(layer, hidden, self_mask, states, mask, use_reentrant=False)
             else:
@@ -310,6 +352,14 @@ class BertModel(nn.Module):
             if isinstance(module, BertSelfAttention):
                 module.fused = fused
 
+    def image_keys_values(self, image_states: torch.Tensor) -> ImageKeysValues:
+        """Every fusion layer's cross-attention keys/values of ``image_states``, computed once."""
+        keys, values = {}, {}
+        for index, layer in enumerate(self.encoder.layer):
+            if layer.has_cross_attention:
+                keys[index], values[index] = layer.crossattention.self.project_keys_values(image_states)
+        return ImageKeysValues(keys, values)
+
     def forward(
         self,
         input_ids: Optional[torch.Tensor] = None,
@@ -337,7 +387,7 @@ class BertModel(nn.Module):
 
         image_states = image_masks = None
         if encoder_hidden_states is not None:
-            if isinstance(encoder_hidden_states, torch.Tensor):
+            if isinstance(encoder_hidden_states, (torch.Tensor, ImageKeysValues)):
                 image_states = [encoder_hidden_states]
                 image_masks = [encoder_attention_mask]
             else:

@@ -220,3 +220,49 @@ def test_a_failed_capture_says_so_and_leaves_the_learning_rates_as_floats(tokeni
         runner._capture(tiny_pretrain_batch(tokenizer), 0.4)
     assert all(isinstance(group["lr"], float) for group in optimizer.param_groups)
     assert not runner.captured
+
+
+def test_a_compiled_model_is_not_recompiled_by_the_capture(monkeypatch):
+    """The warm-up passes alpha as the capture will (one device tensor): a compiled forward that saw a
+    float there recompiled inside the capture on an H100, where the compiler's host syncs fail."""
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, **kwargs: contextlib.nullcontext())
+    torch._dynamo.reset()
+    compilations = []
+
+    def counting_backend(graph_module, example_inputs):
+        compilations.append(len(example_inputs))
+        return graph_module
+
+    def weighted_terms(model, batch, alpha):
+        return {"loss": model(batch[0], alpha)}
+
+    class Weighted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+
+        def forward(self, x, alpha):
+            return self.linear(x).square().mean() * alpha
+
+    counts = {}
+    for warmup_kind in ("runner", "float alpha"):
+        torch.manual_seed(0)
+        model = Weighted()
+        model.compile(backend=counting_backend)
+        runner = GraphedTrainStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3), weighted_terms,
+                                  bf16=False, enabled=False)
+        batch = (torch.randn(4, 3),)
+        compilations.clear()
+        for alpha in (0.1, 0.2):
+            if warmup_kind == "runner":
+                runner._warmup(batch, alpha)
+            else:  # what the warm-up did before: the caller's float
+                runner._plain_step(batch, alpha)
+        runner._capture(batch, 0.3)
+        counts[warmup_kind] = len(compilations)
+        torch._dynamo.reset()
+    assert counts["runner"] == 1
+    assert counts["float alpha"] >= 2  # the failure this guards against: a recompile inside the capture

@@ -95,6 +95,57 @@ def test_fused_and_explicit_attention_agree_on_each_encoder(tokenizer):
     assert all(not block.attn.fused_attn for block in model.visual_encoder.blocks)
 
 
+# --- cross-attention keys/values projected once vs per fusion pass -----------------------------
+
+
+@pytest.mark.parametrize("mask_vc_padding", [False, True], ids=["faithful", "masked_vc_padding"])
+def test_shared_image_keys_values_give_the_same_losses_and_gradients(tokenizer, mask_vc_padding):
+    shared = tiny_pretrain_model(tokenizer, mask_vc_padding=mask_vc_padding)  # train mode: dropout on
+    per_pass = copy.deepcopy(shared)
+    per_pass.share_image_keys_values = False
+    image, caption, vc = tiny_pretrain_batch(tokenizer)
+    results = []
+    for model in (shared, per_pass):
+        projections = [0]
+        key_layer = model.text_encoder.bert.encoder.layer[-1].crossattention.self.key
+        handle = key_layer.register_forward_hook(lambda *_: projections.__setitem__(0, projections[0] + 1))
+        torch.manual_seed(7)  # same dropout draws, MLM masks and negatives: projecting draws nothing
+        terms = model(image, (caption, vc), alpha=0.4)
+        handle.remove()
+        sum(terms.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((terms, grads, projections[0]))
+    (terms_s, grads_s, calls_s), (terms_p, grads_p, calls_p) = results
+    assert (calls_s, calls_p) == (1, 2)  # one projection for ITM + MLM, against one per pass
+    for name in terms_s:
+        torch.testing.assert_close(terms_p[name], terms_s[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert grads_s.keys() == grads_p.keys() and len(grads_s) > 100
+    for name, grad in grads_s.items():
+        torch.testing.assert_close(grads_p[name], grad, atol=5e-5, rtol=1e-3, msg=name)
+
+
+def test_image_keys_values_pick_the_rows_a_pass_attends_to(tokenizer):
+    model = tiny_pretrain_model(tokenizer).eval()
+    image, caption, vc = tiny_pretrain_batch(tokenizer)
+    rows = torch.tensor([2, 0, 0, 3, 1])
+    bert = model.text_encoder.bert
+    with torch.no_grad():
+        image_embeds, _ = model.encode_image(image, vc)
+        text = bert(caption.input_ids, caption.attention_mask, mode="text").last_hidden_state[rows % 4]
+        text_mask = caption.attention_mask[rows % 4]
+        direct = model.fusion(text, text_mask, image_embeds[rows], None)
+        projected = model.fusion(text, text_mask, bert.image_keys_values(image_embeds).select(rows), None)
+        twice = bert.image_keys_values(image_embeds).select(torch.tensor([3, 2, 1, 0])).select(torch.tensor([1, 3]))
+        first_layer = min(twice.keys)
+        keys, values = twice.layer(first_layer)
+    torch.testing.assert_close(projected, direct, atol=1e-5, rtol=1e-5)
+    all_keys, all_values = bert.image_keys_values(image_embeds).layer(first_layer)
+    torch.testing.assert_close(keys, all_keys[[2, 0]])
+    torch.testing.assert_close(values, all_values[[2, 0]])
+    with pytest.raises(KeyError, match="layer 0"):
+        twice.layer(0)
+
+
 # --- bf16 autocast step vs fp32 step -------------------------------------------------------------
 
 
