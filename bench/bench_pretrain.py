@@ -19,6 +19,7 @@ and the JSON lists the synchronising calls it made.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -39,14 +40,14 @@ sys.path.insert(0, str(REPO))  # run from anywhere, as a script
 from dataset.synthetic import vocabulary  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.cuda_graph import GraphedTrainStep  # noqa: E402
-from engine.trainer import configure_runtime  # noqa: E402
+from engine.trainer import COMPILE_MODES, configure_runtime  # noqa: E402
 from models import MODEL_BUILDERS  # noqa: E402
 from models.tokenization import TokenBatch, ViCHATokenizer, build_tokenizer  # noqa: E402
 from optim import create_optimizer  # noqa: E402
 
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 PAPER_CONFIG = "configs/Pretrain.yaml"
 TINY_CONFIG = "configs/demo/Pretrain.yaml"
-COMPILE_MODES = ("none", "blocks", "model")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -68,6 +69,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "trainer's cuda_graph key); MLM masks are then drawn on the device")
     p.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--fused_attention", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--sdpa_backend", default="auto", choices=SDPA_BACKENDS,
+                   help="scaled_dot_product_attention's first choice of kernel (auto: PyTorch's order; on an "
+                        "H100 it picked cuDNN); calls it cannot serve fall back to efficient, then math")
     p.add_argument("--share_image_keys_values", action=argparse.BooleanOptionalAction, default=True,
                    help="project the fusion cross-attention keys/values of the images once per step")
     p.add_argument("--text_length", type=int, default=25, help="caption tokens ([CLS] + 24 pieces, as the original)")
@@ -143,32 +147,28 @@ def random_batch(batch: int, image_res: int, text_length: int, vc_length: int, t
     return image.to(device), caption.to(device), vc.to(device)
 
 
-def apply_compile(model: nn.Module, mode: str) -> nn.Module:
-    """``blocks``: compile each ViT block and BERT layer in place (parameter names unchanged);
-    ``model``: compile the whole module's forward. Returns the module to call."""
-    if mode == "none":
-        return model
-    import torch._dynamo
+def attention_kernels(backend: str):
+    """A context making ``backend`` the first choice of ``scaled_dot_product_attention`` (``auto``: PyTorch's
+    order). Calls it cannot serve (flash: no additive mask, i.e. BERT's padded texts) fall back to
+    memory-efficient attention, then the math path."""
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    # One compiled graph per (layer kind, shapes); the default limit of 8 is too low for 7 encoders.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    if mode == "model":
-        model.compile()
-        return model
-    from timm.models.vision_transformer import Block
-    from models.xbert import BertLayer
-
-    for module in model.modules():
-        if isinstance(module, (Block, BertLayer)):
-            module.compile()
-    return model
+    kinds = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    fallbacks = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    order = [kinds[backend]] + [kind for kind in fallbacks if kind != kinds[backend]]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def build_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                batch: tuple[torch.Tensor, TokenBatch, TokenBatch], alpha: float, bf16: bool,
-               cuda_graph: bool, warmup_steps: int) -> tuple[Callable[[], dict[str, torch.Tensor]], GraphedTrainStep]:
+               cuda_graph: bool, warmup_steps: int,
+               sdpa_backend: str = "auto") -> tuple[Callable[[], dict[str, torch.Tensor]], GraphedTrainStep]:
     """The trainer's step (engine/trainer.py ``build_train_step``: autocast forward, sum of the terms,
-    zero_grad, backward, optimizer) on the fixed batch; returns a closure giving the detached terms."""
+    zero_grad, backward, optimizer) on the fixed batch; returns a closure giving the detached terms.
+    Every call (warm-up, capture, replays) runs under ``attention_kernels(sdpa_backend)``."""
     image, caption, vc = batch
 
     def compute_terms(module: nn.Module, inputs, alpha_value) -> dict:
@@ -178,7 +178,8 @@ def build_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                                enabled=cuda_graph)
 
     def step() -> dict[str, torch.Tensor]:
-        return graphed((image, caption, vc), alpha)[1]
+        with attention_kernels(sdpa_backend):
+            return graphed((image, caption, vc), alpha)[1]
 
     return step, graphed
 
@@ -222,7 +223,30 @@ def _call_site() -> str:
     return site.strip()
 
 
-def profile_steps(step: Callable[[], object], device: torch.device, steps: int, top: int = 12) -> dict:
+# Kernel families by name (first match wins, lower case): where the device time of a step goes.
+KERNEL_GROUPS = (
+    ("attention", ("sdpa", "flash", "fmha", "attention", "attn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "gemv", "splitk")),
+    ("optimizer_foreach", ("multi_tensor_apply",)),
+    ("triton_fused", ("triton_",)),
+    ("normalization", ("layer_norm", "layernorm")),
+    ("reduction", ("reduce_kernel", "reduction")),
+    ("copy_index_cat", ("copy", "catarray", "index", "gather", "scatter")),
+    ("elementwise", ("elementwise",)),
+)
+
+
+def group_kernel_times(kernel_ms: dict[str, float]) -> dict[str, float]:
+    """Sum kernel times (ms) by family (``KERNEL_GROUPS``; unmatched names: ``other``), largest first."""
+    totals: dict[str, float] = {}
+    for name, ms in kernel_ms.items():
+        lowered = name.lower()
+        group = next((group for group, needles in KERNEL_GROUPS if any(n in lowered for n in needles)), "other")
+        totals[group] = totals.get(group, 0.0) + ms
+    return {group: round(ms, 2) for group, ms in sorted(totals.items(), key=lambda item: item[1], reverse=True)}
+
+
+def profile_steps(step: Callable[[], object], device: torch.device, steps: int, top: int = 16) -> dict:
     """Profile ``steps`` steps: device busy ms per step (the kernels' own durations), kernels launched
     per step, and the operators with the most device (CUDA) or CPU self time. A wall time per step far
     above the busy time means the GPU waits for the host (launch overhead, syncs)."""
@@ -249,7 +273,7 @@ def profile_steps(step: Callable[[], object], device: torch.device, steps: int, 
     # Kernels by name: under --cuda_graph the operators are not recorded (one graph launch), the kernels are.
     kernel_ms: dict[str, float] = {}
     for k in kernels:
-        kernel_ms[k.name[:80]] = kernel_ms.get(k.name[:80], 0.0) + k.time_range.elapsed_us() / 1000 / steps
+        kernel_ms[k.name] = kernel_ms.get(k.name, 0.0) + k.time_range.elapsed_us() / 1000 / steps
     top_kernels = sorted(kernel_ms.items(), key=lambda item: item[1], reverse=True)[:top]
     return {
         "profiled_steps": steps,
@@ -258,7 +282,8 @@ def profile_steps(step: Callable[[], object], device: torch.device, steps: int, 
         "kernels_per_step": round(len(kernels) / steps) if cuda else None,
         "cpu_self_ms_per_step": round(sum(e.self_cpu_time_total for e in operators) / 1000 / steps, 2),
         "top_ops_ms_per_step": {e.key[:80]: round(key(e) / 1000 / steps, 2) for e in ranked},
-        "top_kernels_ms_per_step": {name: round(ms, 2) for name, ms in top_kernels},
+        "top_kernels_ms_per_step": {name[:80]: round(ms, 2) for name, ms in top_kernels},
+        "kernel_groups_ms_per_step": group_kernel_times(kernel_ms),
     }
 
 
@@ -294,6 +319,7 @@ def run(args: argparse.Namespace) -> dict:
     config["cuda_graph"] = args.cuda_graph
     config["fused_attention"] = args.fused_attention
     config["share_image_keys_values"] = args.share_image_keys_values
+    config["compile"] = args.compile
     batch_size = config["batch_size"]
     if config["queue_size"] % batch_size:
         raise ValueError(f"queue_size {config['queue_size']} is not a multiple of the batch size {batch_size}; "
@@ -305,7 +331,7 @@ def run(args: argparse.Namespace) -> dict:
         "batch_size": batch_size, "queue_size": config["queue_size"], "text_length": args.text_length,
         "vc_length": args.vc_length, "compile": args.compile, "cuda_graph": args.cuda_graph,
         "grad_checkpointing": args.grad_checkpointing, "fused_attention": args.fused_attention,
-        "share_image_keys_values": args.share_image_keys_values,
+        "share_image_keys_values": args.share_image_keys_values, "sdpa_backend": args.sdpa_backend,
         "steps": args.steps, "warmup": args.warmup,
     }
 
@@ -325,9 +351,9 @@ def run(args: argparse.Namespace) -> dict:
     record["build_seconds"] = round(time.perf_counter() - build_start, 2)
     batch = random_batch(batch_size, config["image_res"], args.text_length, args.vc_length, tokenizer, device,
                          args.seed)
-    model = apply_compile(model, args.compile)
 
-    step, graphed = build_step(model, optimizer, batch, args.alpha, bf16, args.cuda_graph, args.warmup)
+    step, graphed = build_step(model, optimizer, batch, args.alpha, bf16, args.cuda_graph, args.warmup,
+                               args.sdpa_backend)
 
     warm_start = time.perf_counter()
     for _ in range(args.warmup):

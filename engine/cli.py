@@ -2,7 +2,7 @@
 
 The original used ``type=bool`` (``--resume False`` meant True); here booleans are
 ``--x/--no-x``. Extra flags: ``--override key=value`` (any config key, validated), ``--bf16``,
-``--grad_checkpointing``, ``--cuda_graph``.
+``--grad_checkpointing``, ``--cuda_graph``, ``--compile``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ def build_parser(description: str, config: str, output_dir: str, data_json_dir: 
     parser.add_argument("--cuda_graph", action=argparse.BooleanOptionalAction, default=None,
                         help="Pretrain on one GPU: replay the training step as a CUDA graph "
                              "(default: the config's, off)")
+    parser.add_argument("--compile", choices=("none", "blocks", "model"), default=None,
+                        help="torch.compile each ViT block and BERT layer, or the whole model "
+                             "(default: the config's, none)")
     return parser
 
 
@@ -56,7 +59,7 @@ def parse_and_load(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]
     args = parser.parse_args(argv)
     config = load_config(args.config)
     config = apply_overrides(config, list(args.override), source=f"--override ({args.config})")
-    for switch in ("bf16", "grad_checkpointing", "cuda_graph"):
+    for switch in ("bf16", "grad_checkpointing", "cuda_graph", "compile"):
         if getattr(args, switch) is not None:
             config[switch] = getattr(args, switch)
     return args, config

@@ -152,6 +152,8 @@ _TOP: dict[str, _Key] = {
     "mlm_mask_draws": _Key("str", None, "MLM masks drawn on 'cpu' (original stream) or 'device' "
                            "(None = 'device' with cuda_graph, else 'cpu')"),
     "max_grad_norm": _Key("float", None, "clip the gradient norm to this value (None = no clipping)"),
+    "compile": _Key("str", "none", "torch.compile: 'none', 'blocks' (each ViT block and BERT layer, about a "
+                    "minute) or 'model' (the whole forward; several minutes on first use)"),
 }
 
 _OPTIMIZER: dict[str, _Key] = {

@@ -170,14 +170,43 @@ def load_initial_weights(task: Task, args: argparse.Namespace, config: dict, mod
     return 0, {}
 
 
+COMPILE_MODES = ("none", "blocks", "model")
+
+
+def apply_compile(model: nn.Module, mode: str) -> nn.Module:
+    """Config key ``compile``. ``blocks``: compile each ViT block and BERT layer in place (fused
+    layer norms, GELU, residuals; about a minute); ``model``: the whole forward as one graph (also the
+    loss heads; several minutes on first use). Parameter names stay the same (checkpoints unchanged).
+    Returns ``model``."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"config key compile is {mode!r}; expected one of {COMPILE_MODES}")
+    if mode == "none":
+        return model
+    import torch._dynamo
+    from timm.models.vision_transformer import Block
+
+    from models.xbert import BertLayer
+
+    # One compiled graph per (layer kind, shapes); the default limit of 8 is too low for 7 encoders.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if mode == "model":
+        model.compile()
+        return model
+    for module in model.modules():
+        if isinstance(module, (Block, BertLayer)):
+            module.compile()
+    return model
+
+
 def configure_runtime(model: nn.Module, config: dict) -> None:
-    """Apply the speed switches of the config to a freshly built model."""
+    """Apply the speed switches of the config to a freshly built model (compilation included)."""
     if hasattr(model, "set_fused_attention"):
         model.set_fused_attention(get_option(config, "fused_attention"))
     if hasattr(model, "share_image_keys_values"):
         model.share_image_keys_values = get_option(config, "share_image_keys_values")
     if get_option(config, "grad_checkpointing") and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
+    apply_compile(model, get_option(config, "compile"))
 
 
 def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:

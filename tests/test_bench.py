@@ -31,6 +31,36 @@ def test_pretrain_bench_reports_losses_memory_and_a_profile(capsys):
     assert capsys.readouterr().out.strip().startswith("{")  # one JSON line on stdout
 
 
+def test_pretrain_bench_attention_kernel_choice_runs_every_call_with_the_same_losses():
+    """flash serves no additive mask (BERT's padded texts): those calls must fall back, not fail."""
+    base = ["--tiny", "--device", "cpu", "--threads", "1", "--steps", "1", "--warmup", "0", "--batch_size", "8",
+            "--queue_size", "64"]
+    records = {kind: bench_pretrain.main(base + ["--sdpa_backend", kind]) for kind in ("auto", "flash", "math")}
+    assert records["flash"]["sdpa_backend"] == "flash"
+    for kind in ("flash", "math"):
+        for name, value in records["auto"]["losses"].items():
+            assert records[kind]["losses"][name] == pytest.approx(value, rel=1e-4), (kind, name)
+
+
+def test_kernel_times_are_grouped_by_family():
+    """Names as an H100 profile of the step printed them."""
+    kernel_ms = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1": 7.5,
+        "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN": 6.5,
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": 1.0,
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::": 4.0,
+        "triton_per_fused__to_copy_add_native_layer_norm_native_layer_norm_backward_view_": 3.0,
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>": 2.5,
+        "void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::": 0.5,
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>": 0.25,
+        "Memset (Device)": 0.125,
+    }
+    groups = bench_pretrain.group_kernel_times(kernel_ms)
+    assert groups == {"attention": 7.5, "matmul": 7.5, "optimizer_foreach": 4.0, "triton_fused": 3.0,
+                      "elementwise": 2.5, "copy_index_cat": 0.5, "reduction": 0.25, "other": 0.12}
+    assert list(groups)[:2] == ["attention", "matmul"]  # largest first
+
+
 def test_pretrain_bench_refuses_a_queue_that_the_batch_does_not_divide():
     with pytest.raises(ValueError, match="queue_size 100 is not a multiple of the batch size 16"):
         bench_pretrain.main(["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--queue_size", "100"])

@@ -266,3 +266,13 @@ def test_a_compiled_model_is_not_recompiled_by_the_capture(monkeypatch):
         torch._dynamo.reset()
     assert counts["runner"] == 1
     assert counts["float alpha"] >= 2  # the failure this guards against: a recompile inside the capture
+
+
+def test_the_compile_flag_sets_the_config_key():
+    parser = build_parser("test", os.path.join(REPO, "configs/demo/Pretrain.yaml"), "out", "json")
+    _, config = parse_and_load(parser, ["--compile", "blocks"])
+    assert config["compile"] == "blocks"
+    _, config = parse_and_load(parser, [])
+    assert config.get("compile", "none") == "none"
+    with pytest.raises(SystemExit):
+        parse_and_load(parser, ["--compile", "fast"])

@@ -273,3 +273,50 @@ def test_fused_foreach_and_loop_adamw_give_the_same_weights(tokenizer):
     assert not torch.equal(finals[0], torch.cat([p.detach().flatten() for p in base.parameters()]))
     torch.testing.assert_close(finals[1], finals[0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(finals[2], finals[0], atol=1e-6, rtol=1e-5)
+
+
+# --- torch.compile (config key compile) ----------------------------------------------------------
+
+
+def test_compile_blocks_compiles_each_vit_block_and_bert_layer_in_place(tokenizer):
+    from timm.models.vision_transformer import Block
+
+    from engine.trainer import configure_runtime
+    from models.xbert import BertLayer
+
+    model = tiny_pretrain_model(tokenizer)
+    keys = list(model.state_dict())
+    configure_runtime(model, {"compile": "blocks"})
+    compiled = [name for name, module in model.named_modules() if module._compiled_call_impl is not None]
+    layers = [name for name, module in model.named_modules() if isinstance(module, (Block, BertLayer))]
+    assert compiled == layers and len(layers) > 20  # 7 encoders' layers, nothing else
+    assert list(model.state_dict()) == keys  # checkpoints keep their names
+    with pytest.raises(ValueError, match="config key compile is 'fast'"):
+        configure_runtime(tiny_pretrain_model(tokenizer), {"compile": "fast"})
+
+
+@pytest.mark.parametrize("mode", ["blocks", "model"])
+def test_a_compiled_training_step_equals_the_eager_step(tokenizer, monkeypatch, mode):
+    """Traced by dynamo (the eager backend here: inductor's CPU code generation takes minutes; on a GPU
+    bench/check_cuda.py --compile_model checks inductor's kernels): same losses and gradients."""
+    from engine.trainer import apply_compile
+
+    original = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: original(self, backend="eager"))
+    torch._dynamo.reset()
+    eager = tiny_pretrain_model(tokenizer)
+    compiled = apply_compile(copy.deepcopy(eager), mode)
+    image, caption, vc = tiny_pretrain_batch(tokenizer)
+    results = []
+    for model in (eager, compiled):
+        torch.manual_seed(7)
+        terms = model(image, (caption, vc), alpha=torch.tensor(0.4))
+        sum(terms.values()).backward()
+        results.append((terms, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    torch._dynamo.reset()
+    (terms_e, grads_e), (terms_c, grads_c) = results
+    for name in terms_e:
+        torch.testing.assert_close(terms_c[name], terms_e[name], atol=1e-6, rtol=1e-6, msg=name)
+    assert grads_c.keys() == grads_e.keys()
+    for name, grad in grads_e.items():
+        torch.testing.assert_close(grads_c[name], grad, atol=1e-6, rtol=1e-5, msg=name)
