@@ -123,12 +123,11 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
             loss_ita = loss_itc + self.hidden_weight * self.hierarchical_loss(image_hidden, text_out.hidden_states)
         # 7. ITM with hard negatives; 8. MLM with distillation. Both read the images' cross-attention
         # keys/values, projected once (xbert.ImageKeysValues) unless share_image_keys_values is off.
-        image_states = image_embeds
-        if self.share_image_keys_values:
-            image_states = self.text_encoder.bert.image_keys_values(image_embeds)
+        image_kv = self.text_encoder.bert.image_keys_values(image_embeds) if self.share_image_keys_values else None
         loss_itm = self.itm_loss(image_embeds, image_mask, text_embeds, caption.attention_mask, sim_i2t, sim_t2i,
-                                 image_keys_values=image_states if self.share_image_keys_values else None)
-        loss_mlm = self.mlm_loss(caption, image_states, image_embeds_m, image_mask, alpha)
+                                 image_keys_values=image_kv)
+        loss_mlm = self.mlm_loss(caption, image_embeds if image_kv is None else image_kv, image_embeds_m,
+                                 image_mask, alpha)
         result = {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm}
         # 9. MAE
         if self.use_mae:

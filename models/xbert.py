@@ -33,7 +33,6 @@ from torch.utils.checkpoint import checkpoint
 from models import losses
 
 
-
 @dataclass
 class ImageKeysValues:
     """Cross-attention keys and values of a batch of image tokens, per fusion layer, in head layout.
