@@ -66,11 +66,14 @@ def mlm_loss(
     With alpha = 0 or no soft labels only the cross-entropy is computed.
     """
     vocab = logits.shape[-1]
-    ce = F.cross_entropy(logits.reshape(-1, vocab).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    # One fp32 log-softmax serves both terms (cross-entropy is its NLL); the cast happens inside the
+    # kernel, so no fp32 copy of the (B, L, V) logits is written first.
+    log_probs = F.log_softmax(logits, dim=-1, dtype=torch.float32)
+    ce = F.nll_loss(log_probs.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX)
     if soft_labels is None:
         return ce
     selected = labels != IGNORE_INDEX
-    distill = -(soft_labels * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+    distill = -(soft_labels * log_probs).sum(dim=-1)
     distill = (distill * selected).sum() / selected.sum()
     return (1 - alpha) * ce + alpha * distill
 

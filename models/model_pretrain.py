@@ -158,7 +158,7 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
                                            encoder_attention_mask=image_mask, return_logits=True)
         out = self.text_encoder(input_ids, caption.attention_mask, encoder_hidden_states=image_states,
                                 encoder_attention_mask=image_mask, labels=labels,
-                                soft_labels=F.softmax(logits_m.float(), dim=-1), alpha=alpha)
+                                soft_labels=F.softmax(logits_m, dim=-1, dtype=torch.float32), alpha=alpha)
         return out.loss
 
     def mae_loss(self, image: torch.Tensor) -> torch.Tensor:

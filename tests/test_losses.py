@@ -65,6 +65,27 @@ def test_mlm_loss_mixes_ce_and_distillation_over_masked_positions():
     assert mixed == pytest.approx((0.6 * ce + 0.4 * distill).item(), rel=1e-6)
 
 
+def test_mlm_loss_on_bf16_logits_equals_the_loss_of_their_fp32_copy():
+    """Autocast gives bf16 logits; the loss upcasts inside one log-softmax instead of copying them."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 50).bfloat16().requires_grad_()
+    labels = torch.full((2, 5), -100)
+    labels[0, 1], labels[1, 3], labels[1, 4] = 7, 0, 49
+    soft = torch.softmax(torch.randn(2, 5, 50), dim=-1)
+    reference_logits = logits.detach().clone().requires_grad_()
+    upcast = reference_logits.float()
+    ce = F.cross_entropy(upcast.reshape(-1, 50), labels.reshape(-1), ignore_index=-100)
+    selected = labels != -100
+    distill = (-(soft * F.log_softmax(upcast, dim=-1)).sum(-1) * selected).sum() / selected.sum()
+    expected = 0.6 * ce + 0.4 * distill
+    loss = losses.mlm_loss(logits, labels, soft, alpha=0.4)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(logits.grad, reference_logits.grad)
+
+
 def test_lm_sequence_loss_is_a_per_sequence_sum():
     logits = torch.randn(2, 3, 5)
     labels = torch.tensor([[1, 2, -100], [4, -100, -100]])
