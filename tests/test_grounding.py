@@ -170,6 +170,29 @@ def test_gradcam_averages_over_padded_text_positions(tiny_model, tokenizer):
     torch.testing.assert_close(longer * (length + 4) / length, plain, atol=1e-6, rtol=1e-4)
 
 
+def test_gradcam_works_through_compiled_layers(tiny_model, tokenizer, monkeypatch):
+    """``compile: blocks`` wraps the BERT layers whose cross-attention Grad-CAM reads (dynamo's eager
+    backend here: same operators, so the same maps)."""
+    from torch import nn
+
+    from engine.trainer import apply_compile
+
+    torch.manual_seed(5)
+    images = torch.randn(2, 3, RES, RES)
+    vc = tokenizer(["red circle blue square", "green star"], padding="max_length", max_length=55)
+    text = tokenizer(["the red circle", "a large green star at the top"], padding="longest")
+    plain = gradcam_maps(tiny_model, images, vc, text, block_num=4)
+    original = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: original(self, backend="eager"))
+    torch._dynamo.reset()
+    apply_compile(tiny_model, "blocks")
+    compiled = gradcam_maps(tiny_model, images, vc, text, block_num=4)
+    torch._dynamo.reset()
+    assert tiny_model.text_encoder.encoder.layer[4]._compiled_call_impl is not None
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(compiled, plain, atol=1e-7, rtol=1e-5)
+
+
 def test_gradcam_layer_must_have_cross_attention(tiny_model, tokenizer):
     vc = tokenizer(["red"], padding="max_length", max_length=55)
     text = tokenizer(["red"], padding="longest")
