@@ -33,6 +33,7 @@ from engine.config import load_config  # noqa: E402
 from engine.retrieval_eval import (FILL_SCORE, RetrievalFeatures, score_matrices,  # noqa: E402
                                    score_matrices_per_query)
 from engine.cuda_graph import GraphedTrainStep, autocast_context  # noqa: E402
+from engine.trainer import apply_compile  # noqa: E402
 from models import MODEL_BUILDERS  # noqa: E402
 from models.tokenization import build_tokenizer  # noqa: E402
 from optim import create_optimizer  # noqa: E402
@@ -166,14 +167,14 @@ def check_graphed_step(tokenizer, device: torch.device) -> dict:
 
 
 def check_compiled_step(tokenizer, device: torch.device) -> dict:
-    """The whole forward compiled as one graph (``bench_pretrain.py --compile model``) against eager over
+    """The whole forward compiled as one graph (config ``compile: model``) against eager over
     3 steps, fp32, inductor drawing random numbers with the eager ops (``fallback_random``) so both see
     the same masks. Minutes of compiling: only with --compile_model."""
     import torch._inductor.config as inductor_config
 
     inductor_config.fallback_random = True
     return train_twins(tokenizer, device, candidate_graphed=False, steps=3, vary=False,
-                       prepare=lambda model: model.compile())
+                       prepare=lambda model: apply_compile(model, "model"))
 
 
 def top_k_order(scores: torch.Tensor, k: int) -> torch.Tensor:
