@@ -148,3 +148,12 @@ def tiny_pretrain_batch(tokenizer, seed: int = 1):
     """(images, captions, VCs) of 4 samples at 64 px; texts of different lengths, so padding matters."""
     image = torch.randn(len(TINY_CAPTIONS), 3, 64, 64, generator=torch.Generator().manual_seed(seed))
     return image, tokenizer(TINY_CAPTIONS, max_length=25), tokenizer(TINY_CONCEPTS, max_length=55)
+
+
+def compile_with_dynamo_only(monkeypatch) -> None:
+    """Make ``nn.Module.compile`` trace with dynamo and run the traced operators as they are (backend
+    'eager'): what compiling changes about the model's code is checked in seconds, while inductor's CPU
+    code generation would take minutes (bench/check_cuda.py checks inductor's kernels on a GPU)."""
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: original(self, backend="eager"))
+    torch._dynamo.reset()

@@ -165,12 +165,14 @@ def test_cuda_graph_pads_pretraining_texts_to_fixed_lengths(tokenizer):
             assert (caption.input_ids.shape[1], vc.input_ids.shape[1]) == lengths
 
 
-def test_the_command_line_switch_sets_the_config_key():
+def test_the_command_line_switches_set_the_config_keys():
     parser = build_parser("test", os.path.join(REPO, "configs/demo/Pretrain.yaml"), "out", "json")
-    _, config = parse_and_load(parser, ["--cuda_graph"])
-    assert config["cuda_graph"] is True
+    _, config = parse_and_load(parser, ["--cuda_graph", "--compile", "blocks"])
+    assert config["cuda_graph"] is True and config["compile"] == "blocks"
     _, config = parse_and_load(parser, [])
-    assert not config.get("cuda_graph")
+    assert not config.get("cuda_graph") and config.get("compile", "none") == "none"
+    with pytest.raises(SystemExit):
+        parse_and_load(parser, ["--compile", "fast"])
 
 
 def test_resuming_a_cuda_graph_run_without_it_restores_a_plain_optimizer(tmp_path):
@@ -266,13 +268,3 @@ def test_a_compiled_model_is_not_recompiled_by_the_capture(monkeypatch):
         torch._dynamo.reset()
     assert counts["runner"] == 1
     assert counts["float alpha"] >= 2  # the failure this guards against: a recompile inside the capture
-
-
-def test_the_compile_flag_sets_the_config_key():
-    parser = build_parser("test", os.path.join(REPO, "configs/demo/Pretrain.yaml"), "out", "json")
-    _, config = parse_and_load(parser, ["--compile", "blocks"])
-    assert config["compile"] == "blocks"
-    _, config = parse_and_load(parser, [])
-    assert config.get("compile", "none") == "none"
-    with pytest.raises(SystemExit):
-        parse_and_load(parser, ["--compile", "fast"])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import demo_config, tiny_pretrain_batch, tiny_pretrain_model
+from conftest import compile_with_dynamo_only, demo_config, tiny_pretrain_batch, tiny_pretrain_model
 from engine.cuda_graph import autocast_context
 from models.backbone import QueueMixin
 from optim import create_optimizer
@@ -49,6 +49,26 @@ def count_sdpa_calls(monkeypatch) -> list[int]:
     return calls
 
 
+def terms_and_gradients(model: nn.Module, batch, alpha=0.4, seed: int = 7) -> tuple[dict, dict]:
+    """One forward + backward from ``seed`` (same dropout draws, MLM masks and negatives for twins):
+    the loss terms and every parameter's gradient."""
+    image, caption, vc = batch
+    torch.manual_seed(seed)
+    terms = model(image, (caption, vc), alpha=alpha)
+    sum(terms.values()).backward()
+    return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_terms_and_gradients(expected: tuple[dict, dict], actual: tuple[dict, dict], term_tol: float = 1e-5,
+                                    grad_atol: float = 5e-5, grad_rtol: float = 1e-3) -> None:
+    (terms_e, grads_e), (terms_a, grads_a) = expected, actual
+    for name in terms_e:
+        torch.testing.assert_close(terms_a[name], terms_e[name], atol=term_tol, rtol=term_tol, msg=name)
+    assert grads_a.keys() == grads_e.keys() and len(grads_e) > 100
+    for name, grad in grads_e.items():
+        torch.testing.assert_close(grads_a[name], grad, atol=grad_atol, rtol=grad_rtol, msg=name)
+
+
 # --- fused vs explicit attention -----------------------------------------------------------------
 
 
@@ -60,23 +80,15 @@ def test_fused_and_explicit_attention_give_the_same_losses_and_gradients(tokeniz
     explicit.set_fused_attention(False)
     for block in explicit.decoder_blocks:  # the MAE decoder is not reached by set_fused_attention
         block.attn.fused_attn = False
-    image, caption, vc = tiny_pretrain_batch(tokenizer)
+    batch = tiny_pretrain_batch(tokenizer)
     calls = count_sdpa_calls(monkeypatch)
-    results = []
+    results, call_counts = [], []
     for model in (fused, explicit):
         calls[0] = 0
-        torch.manual_seed(7)
-        terms = model(image, (caption, vc), alpha=0.4)
-        sum(terms.values()).backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((terms, grads, calls[0]))
-    (terms_f, grads_f, calls_f), (terms_e, grads_e, calls_e) = results
-    assert calls_f > 0 and calls_e == 0  # each model really ran its own path
-    for name in terms_f:
-        torch.testing.assert_close(terms_e[name], terms_f[name], atol=1e-5, rtol=1e-5, msg=name)
-    assert grads_f.keys() == grads_e.keys() and len(grads_f) > 100
-    for name, grad in grads_f.items():
-        torch.testing.assert_close(grads_e[name], grad, atol=5e-5, rtol=1e-3, msg=name)
+        results.append(terms_and_gradients(model, batch))
+        call_counts.append(calls[0])
+    assert call_counts[0] > 0 and call_counts[1] == 0  # each model really ran its own path
+    assert_same_terms_and_gradients(results[0], results[1])
 
 
 def test_fused_and_explicit_attention_agree_on_each_encoder(tokenizer):
@@ -103,25 +115,17 @@ def test_shared_image_keys_values_give_the_same_losses_and_gradients(tokenizer, 
     shared = tiny_pretrain_model(tokenizer, mask_vc_padding=mask_vc_padding)  # train mode: dropout on
     per_pass = copy.deepcopy(shared)
     per_pass.share_image_keys_values = False
-    image, caption, vc = tiny_pretrain_batch(tokenizer)
-    results = []
+    batch = tiny_pretrain_batch(tokenizer)
+    results, projections = [], []
     for model in (shared, per_pass):
-        projections = [0]
+        count = [0]
         key_layer = model.text_encoder.bert.encoder.layer[-1].crossattention.self.key
-        handle = key_layer.register_forward_hook(lambda *_: projections.__setitem__(0, projections[0] + 1))
-        torch.manual_seed(7)  # same dropout draws, MLM masks and negatives: projecting draws nothing
-        terms = model(image, (caption, vc), alpha=0.4)
+        handle = key_layer.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        results.append(terms_and_gradients(model, batch))  # projecting draws no random numbers
         handle.remove()
-        sum(terms.values()).backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((terms, grads, projections[0]))
-    (terms_s, grads_s, calls_s), (terms_p, grads_p, calls_p) = results
-    assert (calls_s, calls_p) == (1, 2)  # one projection for ITM + MLM, against one per pass
-    for name in terms_s:
-        torch.testing.assert_close(terms_p[name], terms_s[name], atol=1e-5, rtol=1e-5, msg=name)
-    assert grads_s.keys() == grads_p.keys() and len(grads_s) > 100
-    for name, grad in grads_s.items():
-        torch.testing.assert_close(grads_p[name], grad, atol=5e-5, rtol=1e-3, msg=name)
+        projections.append(count[0])
+    assert projections == [1, 2]  # one projection for ITM + MLM, against one per pass
+    assert_same_terms_and_gradients(results[0], results[1])
 
 
 def test_image_keys_values_pick_the_rows_a_pass_attends_to(tokenizer):
@@ -301,22 +305,10 @@ def test_a_compiled_training_step_equals_the_eager_step(tokenizer, monkeypatch):
     gradients. (Compiled blocks run through the same tracing: test_grounding's Grad-CAM check.)"""
     from engine.trainer import apply_compile
 
-    original = nn.Module.compile
-    monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: original(self, backend="eager"))
-    torch._dynamo.reset()
+    compile_with_dynamo_only(monkeypatch)
     eager = tiny_pretrain_model(tokenizer)
     compiled = apply_compile(copy.deepcopy(eager), "model")
-    image, caption, vc = tiny_pretrain_batch(tokenizer)
-    results = []
-    for model in (eager, compiled):
-        torch.manual_seed(7)
-        terms = model(image, (caption, vc), alpha=torch.tensor(0.4))
-        sum(terms.values()).backward()
-        results.append((terms, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    batch = tiny_pretrain_batch(tokenizer)
+    results = [terms_and_gradients(model, batch, alpha=torch.tensor(0.4)) for model in (eager, compiled)]
     torch._dynamo.reset()
-    (terms_e, grads_e), (terms_c, grads_c) = results
-    for name in terms_e:
-        torch.testing.assert_close(terms_c[name], terms_e[name], atol=1e-6, rtol=1e-6, msg=name)
-    assert grads_c.keys() == grads_e.keys()
-    for name, grad in grads_e.items():
-        torch.testing.assert_close(grads_c[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert_same_terms_and_gradients(results[0], results[1], term_tol=1e-6, grad_atol=1e-6, grad_rtol=1e-5)

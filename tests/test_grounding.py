@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 
-from conftest import REPO, demo_config, demo_flags
+from conftest import REPO, compile_with_dynamo_only, demo_config, demo_flags
 from engine.config import load_config
 from engine.tasks.grounding import (RefReader, box_scores, candidate_box_chance, compute_iou, gradcam_maps,
                                     grounding_eval, select_box, upsample_heatmap)
@@ -143,12 +143,17 @@ def tiny_model(tokenizer):
     return MODEL_BUILDERS["grounding"](tiny_config(), text_encoder=None, tokenizer=tokenizer).eval()
 
 
-def test_gradcam_map_has_the_vit_grid_and_leaves_no_gradients(tiny_model, tokenizer):
-    torch.manual_seed(3)
+def two_referring_inputs(tokenizer, seed: int):
+    """(images, VCs, expressions) of two random pictures, the expressions of different lengths."""
+    torch.manual_seed(seed)
     images = torch.randn(2, 3, RES, RES)
     vc = tokenizer(["red circle blue square", "green star"], padding="max_length", max_length=55)
     text = tokenizer(["the red circle", "a large green star at the top"], padding="longest")
-    maps = gradcam_maps(tiny_model, images, vc, text, block_num=5)
+    return images, vc, text
+
+
+def test_gradcam_map_has_the_vit_grid_and_leaves_no_gradients(tiny_model, tokenizer):
+    maps = gradcam_maps(tiny_model, *two_referring_inputs(tokenizer, seed=3), block_num=5)
     grid = tiny_model.visual_encoder.grid_size
     assert maps.shape == (2, grid, grid) and grid == RES // 16
     assert torch.isfinite(maps).all() and (maps >= 0).all() and maps.sum() > 0
@@ -173,20 +178,13 @@ def test_gradcam_averages_over_padded_text_positions(tiny_model, tokenizer):
 def test_gradcam_works_through_compiled_layers(tiny_model, tokenizer, monkeypatch):
     """``compile: blocks`` wraps the BERT layers whose cross-attention Grad-CAM reads (dynamo's eager
     backend here: same operators, so the same maps)."""
-    from torch import nn
-
     from engine.trainer import apply_compile
 
-    torch.manual_seed(5)
-    images = torch.randn(2, 3, RES, RES)
-    vc = tokenizer(["red circle blue square", "green star"], padding="max_length", max_length=55)
-    text = tokenizer(["the red circle", "a large green star at the top"], padding="longest")
-    plain = gradcam_maps(tiny_model, images, vc, text, block_num=4)
-    original = nn.Module.compile
-    monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: original(self, backend="eager"))
-    torch._dynamo.reset()
+    inputs = two_referring_inputs(tokenizer, seed=5)
+    plain = gradcam_maps(tiny_model, *inputs, block_num=4)
+    compile_with_dynamo_only(monkeypatch)
     apply_compile(tiny_model, "blocks")
-    compiled = gradcam_maps(tiny_model, images, vc, text, block_num=4)
+    compiled = gradcam_maps(tiny_model, *inputs, block_num=4)
     torch._dynamo.reset()
     assert tiny_model.text_encoder.encoder.layer[4]._compiled_call_impl is not None
     assert plain.abs().max() > 0
