@@ -81,6 +81,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="CUDA: list the host-device synchronisations of one step")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N more steps: GPU busy time per step and the top operators")
+    p.add_argument("--kernel_table", default=None, metavar="PATH",
+                   help="with --profile: write every kernel (CUDA) or operator (CPU) of the profiled steps to "
+                        "this JSON file: name, ms per step, calls per step, largest first")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch default)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -246,10 +249,12 @@ def group_kernel_times(kernel_ms: dict[str, float]) -> dict[str, float]:
     return {group: round(ms, 2) for group, ms in sorted(totals.items(), key=lambda item: item[1], reverse=True)}
 
 
-def profile_steps(step: Callable[[], object], device: torch.device, steps: int, top: int = 16) -> dict:
+def profile_steps(step: Callable[[], object], device: torch.device, steps: int, top: int = 16,
+                  kernel_table: Optional[str] = None) -> dict:
     """Profile ``steps`` steps: device busy ms per step (the kernels' own durations), kernels launched
     per step, and the operators with the most device (CUDA) or CPU self time. A wall time per step far
-    above the busy time means the GPU waits for the host (launch overhead, syncs)."""
+    above the busy time means the GPU waits for the host (launch overhead, syncs). ``kernel_table``: a
+    JSON file to write every kernel (CPU: operator) to, for the analysis the top lists are too short for."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -272,9 +277,20 @@ def profile_steps(step: Callable[[], object], device: torch.device, steps: int, 
     ranked = sorted(operators, key=key, reverse=True)[:top]
     # Kernels by name: under --cuda_graph the operators are not recorded (one graph launch), the kernels are.
     kernel_ms: dict[str, float] = {}
+    kernel_calls: dict[str, int] = {}
     for k in kernels:
         kernel_ms[k.name] = kernel_ms.get(k.name, 0.0) + k.time_range.elapsed_us() / 1000 / steps
+        kernel_calls[k.name] = kernel_calls.get(k.name, 0) + 1
     top_kernels = sorted(kernel_ms.items(), key=lambda item: item[1], reverse=True)[:top]
+    if kernel_table:
+        if cuda:
+            table = [{"name": name, "ms_per_step": round(ms, 4), "calls_per_step": kernel_calls[name] / steps}
+                     for name, ms in sorted(kernel_ms.items(), key=lambda item: item[1], reverse=True)]
+        else:
+            table = [{"name": e.key, "ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 4),
+                      "calls_per_step": e.count / steps} for e in sorted(operators, key=key, reverse=True)]
+        Path(kernel_table).parent.mkdir(parents=True, exist_ok=True)
+        Path(kernel_table).write_text(json.dumps({"device": device.type, "steps": steps, "rows": table}, indent=0))
     return {
         "profiled_steps": steps,
         "device_busy_ms_per_step": round(sum(k.time_range.elapsed_us() for k in kernels) / 1000 / steps, 2)
@@ -390,7 +406,7 @@ def run(args: argparse.Namespace) -> dict:
     memory, memory_kind = peak_memory_gib(device)
     means = torch.stack(history).mean(dim=0).tolist() if history else []
     if args.profile:
-        record["profile"] = profile_steps(step, device, args.profile)
+        record["profile"] = profile_steps(step, device, args.profile, kernel_table=args.kernel_table)
     record.update({
         "seconds": round(seconds, 3),
         "process_cpu_seconds": round(cpu_seconds, 3),  # on a shared CPU: compare with seconds x threads

@@ -5,6 +5,7 @@ Nothing here is timed: only the records' fields and the correctness numbers they
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -19,15 +20,21 @@ import bench_retrieval_eval  # noqa: E402
 import check_cuda  # noqa: E402
 
 
-def test_pretrain_bench_reports_losses_memory_and_a_profile(capsys):
+def test_pretrain_bench_reports_losses_memory_and_a_profile(capsys, tmp_path):
+    table_path = tmp_path / "kernels.json"
     record = bench_pretrain.main(["--tiny", "--device", "cpu", "--threads", "1", "--steps", "1", "--warmup", "0",
-                                  "--profile", "1"])
+                                  "--profile", "1", "--kernel_table", str(table_path)])
     assert record["bench"] == "pretrain_step" and record["samples_per_s"] > 0
     assert set(record["losses"]) == {"loss_mlm", "loss_ita", "loss_itm", "loss_mae"}
     assert all(value > 0 for value in record["losses"].values())
     profile = record["profile"]
     assert profile["profiled_steps"] == 1 and profile["device_busy_ms_per_step"] is None  # no GPU here
     assert profile["cpu_self_ms_per_step"] > 0 and len(profile["top_ops_ms_per_step"]) > 5
+    table = json.loads(table_path.read_text())  # every operator (CPU), largest first, more than the top list
+    times = [row["ms_per_step"] for row in table["rows"]]
+    assert table["device"] == "cpu" and len(times) > len(profile["top_ops_ms_per_step"]) and times == sorted(times)[::-1]
+    assert sum(times) == pytest.approx(profile["cpu_self_ms_per_step"], rel=0.01)
+    assert {"aten::addmm", "aten::scaled_dot_product_attention"} & {row["name"] for row in table["rows"]}
     assert capsys.readouterr().out.strip().startswith("{")  # one JSON line on stdout
 
 
