@@ -39,6 +39,9 @@ print(json.dumps({"part": part, "rc": rc, **record}))
 EOF
 }
 
+# kernel_table PART: bench_pretrain's flag writing every kernel of the profiled steps beside the part's logs.
+kernel_table() { echo "--kernel_table $LOGS/$1.kernels.json"; }
+
 # run_part PART TIMEOUT_S COMMAND...: run one benchmark under its timeout and the remaining budget.
 run_part() {
   local part=$1 limit=$2
@@ -64,19 +67,22 @@ run_part check_cuda 60 "$PY" bench/check_cuda.py --device cuda
 
 # Pretraining step at the paper size (image 256, batch 32, queue 65536, 55 VC tokens).
 run_part pretrain_bf16 100 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --steps 20 --warmup 5 \
-  --sync_debug --profile 3 --kernel_table "$LOGS/pretrain_bf16.kernels.json"
+  --sync_debug --profile 3 $(kernel_table pretrain_bf16)
 # Same seed, steps and batch as pretrain_bf16: its losses are the fp32 reference.
 run_part pretrain_fp32 60 "$PY" bench/bench_pretrain.py --device cuda --precision fp32 --steps 20 --warmup 5
 run_part pretrain_tf32 50 "$PY" bench/bench_pretrain.py --device cuda --precision tf32 --steps 10 --warmup 3
 run_part pretrain_bf16_b64 60 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --batch_size 64 \
-  --steps 15 --warmup 3 --profile 2 --kernel_table "$LOGS/pretrain_bf16_b64.kernels.json"
+  --steps 15 --warmup 3 --profile 2 $(kernel_table pretrain_bf16_b64)
 # The same steps captured once in a CUDA graph and replayed (engine/cuda_graph.py; the trainer's cuda_graph).
 run_part pretrain_bf16_graph 60 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --cuda_graph \
-  --steps 20 --warmup 3 --sync_debug --profile 2 --kernel_table "$LOGS/pretrain_bf16_graph.kernels.json"
+  --steps 20 --warmup 3 --sync_debug --profile 2 $(kernel_table pretrain_bf16_graph)
 run_part pretrain_bf16_graph_b64 60 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --cuda_graph \
-  --batch_size 64 --steps 15 --warmup 3 --profile 2 --kernel_table "$LOGS/pretrain_bf16_graph_b64.kernels.json"
+  --batch_size 64 --steps 15 --warmup 3 --profile 2 $(kernel_table pretrain_bf16_graph_b64)
 run_part pretrain_bf16_b128_ckpt 70 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --batch_size 128 \
   --grad_checkpointing --steps 8 --warmup 3
+
+# Each attention shape of the step (ViT 312 tokens, text 25, VCs 55, fusion cross 25x312) under each kernel.
+run_part attention 60 "$PY" bench/bench_attention.py --device cuda --iterations 30 --warmup 5
 
 # Retrieval evaluation at the COCO config (image 380, k_test 256): batched vs per-query ITM scoring.
 run_part retrieval_eval 120 "$PY" bench/bench_retrieval_eval.py --config configs/Retrieval_coco.yaml \
@@ -107,21 +113,18 @@ fi
 # torch.compile of every ViT block and BERT layer (fewer, fused kernels) inside the captured step.
 if [[ "${BENCH_COMPILE:-1}" == 1 ]]; then
   run_part pretrain_bf16_compile_graph_b64 150 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 \
-    --compile blocks --cuda_graph --batch_size 64 --profile 2 --kernel_table "$LOGS/pretrain_bf16_compile_graph_b64.kernels.json" --steps 15 --warmup 3
+    --compile blocks --cuda_graph --batch_size 64 --steps 15 --warmup 3 \
+    --profile 2 $(kernel_table pretrain_bf16_compile_graph_b64)
 fi
-# Attention kernels: cuDNN (PyTorch's pick on an H100) ran at 65-90 TFLOP/s in the profile; the others as first choice.
-run_part pretrain_bf16_graph_b64_flash 45 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 --cuda_graph \
-  --batch_size 64 --steps 15 --warmup 3 --sdpa_backend flash --profile 2 --kernel_table "$LOGS/pretrain_bf16_graph_b64_flash.kernels.json"
-run_part pretrain_bf16_graph_b64_efficient 45 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 \
-  --cuda_graph --batch_size 64 --steps 15 --warmup 3 --sdpa_backend efficient --profile 2 --kernel_table "$LOGS/pretrain_bf16_graph_b64_efficient.kernels.json"
-# The whole forward compiled as one graph (no graph breaks on the tiny model) inside the captured step:
-# also fuses the loss heads. Its first compile at the paper size took more than 235 s on an H100 host
-# (16 cores), so it is opt-in and best run alone: BENCH_COMPILE_MODEL=1 BENCH_TOTAL_S=560
-# BENCH_ONLY=pretrain_bf16_compile_model_graph_b64 (then check_compiled, the tiny-model correctness check).
+# The whole forward compiled as one graph inside the captured step (the fastest setting: 708 samples/s on an
+# H100, session 11). Its first compile at the paper size takes about 4 minutes on a 16-core host, so it is
+# opt-in and best run alone: BENCH_COMPILE_MODEL=1 BENCH_TOTAL_S=430
+# BENCH_ONLY=pretrain_bf16_compile_model_graph_b64 (check_compiled, the tiny-model check, another ~2 min).
 if [[ "${BENCH_COMPILE_MODEL:-0}" == 1 ]]; then
-  run_part pretrain_bf16_compile_model_graph_b64 480 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 \
-    --compile model --cuda_graph --batch_size 64 --profile 2 --kernel_table "$LOGS/pretrain_bf16_compile_model_graph_b64.kernels.json" --steps 15 --warmup 2
-  run_part check_compiled 240 "$PY" bench/check_cuda.py --device cuda --compile_model
+  run_part pretrain_bf16_compile_model_graph_b64 420 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 \
+    --compile model --cuda_graph --batch_size 64 --steps 15 --warmup 2 \
+    --profile 2 $(kernel_table pretrain_bf16_compile_model_graph_b64)
+  run_part check_compiled 200 "$PY" bench/check_cuda.py --device cuda --compile_model
 fi
 
 echo "results: $RESULTS ($(( $(date +%s) - START )) s)" >&2

@@ -10,11 +10,13 @@ import os
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
+import bench_attention  # noqa: E402
 import bench_pretrain  # noqa: E402
 import bench_retrieval_eval  # noqa: E402
 import check_cuda  # noqa: E402
@@ -66,6 +68,25 @@ def test_kernel_times_are_grouped_by_family():
     assert groups == {"attention": 7.5, "matmul": 7.5, "optimizer_foreach": 4.0, "triton_fused": 3.0,
                       "elementwise": 2.5, "copy_index_cat": 0.5, "reduction": 0.25, "other": 0.12}
     assert list(groups)[:2] == ["attention", "matmul"]  # largest first
+
+
+def test_attention_bench_times_every_shape_and_reports_kernels_that_cannot_serve_it():
+    record = bench_attention.main(["--device", "cpu", "--batch_size", "1", "--iterations", "1", "--warmup", "0",
+                                   "--kernels", "auto", "efficient", "explicit"])
+    assert set(record["results"]) == {"vit_self_312", "text_self_25", "vc_self_55", "fusion_cross_25x312_itm"}
+    for name, result in record["results"].items():
+        assert result["auto"]["forward_backward_ms"] > 0 and result["explicit"]["forward_ms"] > 0, name
+        assert "error" in result["efficient"]  # no memory-efficient kernel on a CPU: reported, not raised
+    assert record["results"]["fusion_cross_25x312_itm"]["shape"]["rows"] == 3  # the ITM pass: 3 texts per image
+
+
+def test_attention_bench_explicit_path_equals_the_fused_kernel():
+    torch.manual_seed(0)
+    shape = bench_attention.attention_shapes(batch=2)["fusion_cross_25x312_itm"]
+    q, k, v, mask = bench_attention.make_inputs(shape, 2, 8, torch.float32, torch.device("cpu"))
+    assert mask is not None and (mask < 0).any()
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(bench_attention.explicit_attention(q, k, v, attn_mask=mask), fused, atol=1e-5)
 
 
 def test_pretrain_bench_refuses_a_queue_that_the_batch_does_not_divide():
