@@ -115,6 +115,10 @@ if [[ "${BENCH_COMPILE:-1}" == 1 ]]; then
   run_part pretrain_bf16_compile_graph_b64 150 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 \
     --compile blocks --cuda_graph --batch_size 64 --steps 15 --warmup 3 \
     --profile 2 $(kernel_table pretrain_bf16_compile_graph_b64)
+  # The same with the text and fusion passes merged (config merge_text_passes; not measured yet).
+  run_part pretrain_bf16_compile_graph_b64_merged 120 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 \
+    --compile blocks --cuda_graph --batch_size 64 --steps 15 --warmup 3 --merge_text_passes \
+    --profile 2 $(kernel_table pretrain_bf16_compile_graph_b64_merged)
 fi
 # The whole forward compiled as one graph inside the captured step (the fastest setting: 708 samples/s on an
 # H100, session 11). Its first compile at the paper size takes about 4 minutes on a 16-core host, so it is
@@ -125,6 +129,11 @@ if [[ "${BENCH_COMPILE_MODEL:-0}" == 1 ]]; then
     --compile model --cuda_graph --batch_size 64 --steps 15 --warmup 2 \
     --profile 2 $(kernel_table pretrain_bf16_compile_model_graph_b64)
   run_part check_compiled 200 "$PY" bench/check_cuda.py --device cuda --compile_model
+  # Both merged: pick with BENCH_ONLY (each compile takes minutes).
+  run_part pretrain_bf16_compile_model_graph_b64_merged 420 "$PY" bench/bench_pretrain.py --device cuda \
+    --precision bf16 --compile model --cuda_graph --batch_size 64 --steps 15 --warmup 2 --merge_text_passes \
+    --profile 2 $(kernel_table pretrain_bf16_compile_model_graph_b64_merged)
+  run_part check_compiled_merged 200 "$PY" bench/check_cuda.py --device cuda --compile_model --merge_text_passes
 fi
 
 echo "results: $RESULTS ($(( $(date +%s) - START )) s)" >&2

@@ -143,6 +143,10 @@ _TOP: dict[str, _Key] = {
     "fused_attention": _Key("bool", True, "scaled_dot_product_attention (False = explicit attention maps)"),
     "share_image_keys_values": _Key("bool", True, "project the images' fusion cross-attention keys/values once "
                                     "for all ITM/MLM passes (False = once per pass, as the original; same math)"),
+    "merge_text_passes": _Key("bool", False, "Pretrain: run the ITC and MLM captions through the text layers "
+                              "as one 2B batch and the ITM and MLM texts through the fusion layers as one 4B "
+                              "batch, online and momentum (same math per text; dropout and random draw order "
+                              "differ; fewer, larger kernels)"),
     "num_workers": _Key("int", 4, "DataLoader worker processes"),
     "print_freq": _Key("int", 50, "iterations between console log lines"),
     "eval_batch_size_text": _Key("int", 64, "Retrieval evaluation: texts per encoder batch"),

@@ -19,7 +19,7 @@ from torch import nn
 from models import losses
 from models.tokenization import TokenBatch
 from models.vit import VisionTransformer, load_deit_weights, DEIT_BASE_URL
-from models.xbert import BertConfig, BertForMaskedLM, BertLMHeadModel, BertModel, ImageKeysValues
+from models.xbert import BertConfig, BertForMaskedLM, BertLMHeadModel, BertModel, ImageKeysValues, block_rows
 from utils import concat_all_gather
 
 logger = logging.getLogger(__name__)
@@ -283,21 +283,20 @@ class AlignmentMixin:
                              encoder_attention_mask=image_mask, mode="fusion")
         return out.last_hidden_state[:, 0]
 
-    def itm_loss(self, image_embeds, image_mask, text_embeds, text_mask, sim_i2t, sim_t2i,
-                 idx: Optional[torch.Tensor] = None,
-                 image_keys_values: Optional[ImageKeysValues] = None) -> torch.Tensor:
-        """ITM over [positives; text + hard-negative image; image + hard-negative text] (§3.5).
+    def itm_pairs(self, text_embeds, text_mask, sim_i2t, sim_t2i,
+                  idx: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """ITM's 3B (text, image) pairs: [positives; text + hard-negative image; image + hard-negative
+        text] (§3.5) as (texts, their masks, the image rows by block of B texts: ``(None, negative
+        images, None)``, ``None`` = image i for text i; ``xbert.block_rows`` flattens them).
 
         Negatives are drawn from softmax(sim[:, :B]) with the positive excluded: the diagonal, or
         (retrieval, ``idx`` given) every pair showing the same image. With ``itm_negatives: random``
         (not the original) they are drawn uniformly from the same allowed items instead.
-        The fusion reads the images' cross-attention keys/values projected once
-        (``image_keys_values``, computed here when not given) unless ``share_image_keys_values`` is off.
         """
-        batch = image_embeds.shape[0]
+        batch = text_embeds.shape[0]
         with torch.no_grad():
             if idx is None:
-                excluded = torch.eye(batch, dtype=torch.bool, device=image_embeds.device)
+                excluded = torch.eye(batch, dtype=torch.bool, device=text_embeds.device)
             else:
                 excluded = idx.view(-1, 1) == idx.view(1, -1)
             if self.itm_negatives == "random":
@@ -309,20 +308,38 @@ class AlignmentMixin:
         negative_texts = losses.sample_negatives(weights_i2t)  # one text per image
         texts = torch.cat([text_embeds, text_embeds, text_embeds[negative_texts]], dim=0)
         masks = torch.cat([text_mask, text_mask, text_mask[negative_texts]], dim=0)
+        return texts, masks, (None, negative_images, None)
+
+    def images_for_rows(self, image_embeds, image_mask, row_blocks: tuple,
+                        image_keys_values: Optional[ImageKeysValues] = None, stack: bool = False):
+        """(image states, image masks) for texts fused with the image rows ``row_blocks`` (blocks of B
+        texts, as ``itm_pairs`` gives them): the images' cross-attention keys/values projected once
+        (``image_keys_values``, computed here when not given; with ``stack`` the blocks that attend to
+        the images in order share their attention calls, ``xbert.StackedKeysValues``), or, with
+        ``share_image_keys_values`` off, the image tokens of each row (projected again by every pass)."""
+        rows = block_rows(row_blocks, image_embeds.shape[0], image_embeds.device)
         if self.share_image_keys_values:
             if image_keys_values is None:
                 image_keys_values = self.text_bert.image_keys_values(image_embeds)
-            positives = torch.arange(batch, device=negative_images.device)
-            images = image_keys_values.select(torch.cat([positives, negative_images, positives]))
+            images = image_keys_values.select_blocks(row_blocks) if stack else image_keys_values.select(rows)
         else:
-            images = torch.cat([image_embeds, image_embeds[negative_images], image_embeds], dim=0)
-        image_masks = None
-        if image_mask is not None:
-            image_masks = torch.cat([image_mask, image_mask[negative_images], image_mask], dim=0)
-        logits = self.itm_head(self.fusion(texts, masks, images, image_masks))  # (3B, 2)
-        labels = torch.zeros(3 * batch, dtype=torch.long, device=logits.device)
-        labels[:batch] = 1  # positives first
+            images = image_embeds[rows]
+        return images, (None if image_mask is None else image_mask[rows])
+
+    def itm_loss_from_fused(self, fused_cls: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the ITM head on the fused [CLS] of ``itm_pairs``' 3B pairs (positives first)."""
+        logits = self.itm_head(fused_cls)  # (3B, 2)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        labels[:logits.shape[0] // 3] = 1
         return F.cross_entropy(logits.float(), labels)
+
+    def itm_loss(self, image_embeds, image_mask, text_embeds, text_mask, sim_i2t, sim_t2i,
+                 idx: Optional[torch.Tensor] = None,
+                 image_keys_values: Optional[ImageKeysValues] = None) -> torch.Tensor:
+        """ITM with hard negatives (``itm_pairs``) through one 3B fusion pass."""
+        texts, masks, rows = self.itm_pairs(text_embeds, text_mask, sim_i2t, sim_t2i, idx)
+        images, image_masks = self.images_for_rows(image_embeds, image_mask, rows, image_keys_values)
+        return self.itm_loss_from_fused(self.fusion(texts, masks, images, image_masks))
 
 
 # ----------------------------------------------------------------------------------------------

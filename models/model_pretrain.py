@@ -44,6 +44,7 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
         self.mlm_draws_on_device = mlm_draws_on_device(config)
         self.vocab_size = bert_config.vocab_size
         self.hierarchical = bool(config.get("return_hidden_state", False))
+        self.merge_text_passes = bool(config.get("merge_text_passes", False))
 
         self.build_alignment_towers(config, bert_config, "mlm", text_encoder, init_deit,
                                     return_hidden_state=self.hierarchical)
@@ -95,14 +96,21 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
         caption, vc = text
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
+        batch = caption.input_ids.shape[0]
+        merged = self.merge_text_passes
+        if merged:  # the MLM masks are drawn first: the masked captions join the text passes
+            masked_ids, mlm_labels = self.mask_caption(caption)
+            text_ids = torch.cat([caption.input_ids, masked_ids])
+            text_mask = torch.cat([caption.attention_mask, caption.attention_mask])
+        else:
+            text_ids, text_mask = caption.input_ids, caption.attention_mask
 
         # 1-2. online image (with VCs) and text encoders, ITC features
         (image_out, image_mask) = self.encode_image(image, vc, return_hidden_state=self.hierarchical)
         image_embeds, image_hidden = image_out if self.hierarchical else (image_out, None)
         image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # (B, E)
-        text_out = self.text_encoder.bert(caption.input_ids, caption.attention_mask, mode="text",
-                                          output_hidden_states=self.hierarchical)
-        text_embeds = text_out.last_hidden_state  # (B, Lt, Dt)
+        text_out = self.text_encoder.bert(text_ids, text_mask, mode="text", output_hidden_states=self.hierarchical)
+        text_embeds = text_out.last_hidden_state[:batch]  # (B, Lt, Dt)
         text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
 
         # 3-4. momentum features, key banks, distillation targets and ITC
@@ -110,9 +118,8 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
             self._momentum_update()
             image_embeds_m, _ = self.encode_image(image, vc, momentum=True)
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
-            text_out_m = self.text_encoder_m.bert(caption.input_ids, caption.attention_mask, mode="text",
-                                                  output_hidden_states=False)
-            text_feat_m = F.normalize(self.text_proj_m(text_out_m.last_hidden_state[:, 0]), dim=-1)
+            text_out_m = self.text_encoder_m.bert(text_ids, text_mask, mode="text", output_hidden_states=False)
+            text_feat_m = F.normalize(self.text_proj_m(text_out_m.last_hidden_state[:batch, 0]), dim=-1)
         loss_itc, sim_i2t, sim_t2i = self.momentum_contrastive_loss(image_feat, text_feat, image_feat_m,
                                                                      text_feat_m, alpha)
         # 5. enqueue
@@ -120,21 +127,54 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
         # 6. hierarchical ITC
         loss_ita = loss_itc
         if self.hierarchical:
-            loss_ita = loss_itc + self.hidden_weight * self.hierarchical_loss(image_hidden, text_out.hidden_states)
+            text_hidden = tuple(h[:batch] for h in text_out.hidden_states)
+            loss_ita = loss_itc + self.hidden_weight * self.hierarchical_loss(image_hidden, text_hidden)
         # 7. ITM with hard negatives; 8. MLM with distillation. Both read the images' cross-attention
         # keys/values, projected once (xbert.ImageKeysValues) unless share_image_keys_values is off.
         image_kv = self.text_encoder.bert.image_keys_values(image_embeds) if self.share_image_keys_values else None
-        loss_itm = self.itm_loss(image_embeds, image_mask, text_embeds, caption.attention_mask, sim_i2t, sim_t2i,
-                                 image_keys_values=image_kv)
-        loss_mlm = self.mlm_loss(caption, image_embeds if image_kv is None else image_kv, image_embeds_m,
-                                 image_mask, alpha)
+        if merged:
+            loss_itm, loss_mlm = self.merged_itm_mlm_losses(
+                image_embeds, image_mask, image_kv, image_embeds_m, text_embeds, caption.attention_mask,
+                sim_i2t, sim_t2i, text_out.last_hidden_state[batch:], text_out_m.last_hidden_state[batch:],
+                mlm_labels, alpha)
+        else:
+            loss_itm = self.itm_loss(image_embeds, image_mask, text_embeds, caption.attention_mask, sim_i2t,
+                                     sim_t2i, image_keys_values=image_kv)
+            loss_mlm = self.mlm_loss(caption, image_embeds if image_kv is None else image_kv, image_embeds_m,
+                                     image_mask, alpha)
         result = {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm}
         # 9. MAE
         if self.use_mae:
             result["loss_mae"] = self.mae_loss(image)
         return result
 
-    # ------------------------------------------------------------------------------------------
+    def merged_itm_mlm_losses(self, image_embeds, image_mask, image_kv, image_embeds_m, text_embeds, caption_mask,
+                              sim_i2t, sim_t2i, masked_text, masked_text_m, mlm_labels, alpha: float):
+        """ITM and MLM through one fusion pass of 4B texts (``merge_text_passes``): the 3B ITM pairs and
+        the B masked captions (their text layers ran with the unmasked captions, online and momentum).
+        In the cross-attention the three blocks of B texts that attend to the images in order share
+        one call per layer (``xbert.StackedKeysValues``); only the hard-negative images are gathered.
+        Per text the same math as the separate passes; only dropout draws and the order of the random
+        draws differ (the MLM masks come first)."""
+        texts, masks, row_blocks = self.itm_pairs(text_embeds, caption_mask, sim_i2t, sim_t2i)
+        batch = text_embeds.shape[0]
+        images, image_masks = self.images_for_rows(image_embeds, image_mask, row_blocks + (None,), image_kv,
+                                                   stack=True)
+        fused = self.text_encoder.bert(encoder_embeds=torch.cat([texts, masked_text]),
+                                       attention_mask=torch.cat([masks, caption_mask]),
+                                       encoder_hidden_states=images, encoder_attention_mask=image_masks,
+                                       mode="fusion").last_hidden_state
+        loss_itm = self.itm_loss_from_fused(fused[:3 * batch, 0])
+        with torch.no_grad():
+            images_m = (self.text_encoder_m.bert.image_keys_values(image_embeds_m) if self.share_image_keys_values
+                        else image_embeds_m)
+            fused_m = self.text_encoder_m.bert(encoder_embeds=masked_text_m, attention_mask=caption_mask,
+                                               encoder_hidden_states=images_m, encoder_attention_mask=image_mask,
+                                               mode="fusion").last_hidden_state
+            soft_labels = F.softmax(self.text_encoder_m.cls(fused_m), dim=-1, dtype=torch.float32)
+        logits = self.text_encoder.cls(fused[3 * batch:])
+        return loss_itm, losses.mlm_loss(logits, mlm_labels, soft_labels, alpha)
+
     def hierarchical_loss(self, image_hidden: tuple, text_hidden: tuple) -> torch.Tensor:
         """Level i pairs ViT block (depth-1-n+i) with BERT text hidden entry (fusion-n+i) (§3.4)."""
         levels = self.num_hidden_align
@@ -148,11 +188,14 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
         return losses.hierarchical_contrastive_loss(
             image_cls, text_cls, gathered_image, gathered_text, self.temp, self.hidden_weights, offset)
 
+    def mask_caption(self, caption: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """BERT masking of the captions: (masked ids, labels)."""
+        return losses.mask_tokens(caption.input_ids, self.vocab_size, self.mask_token_id, self.pad_token_id,
+                                  self.cls_token_id, self.mlm_probability, draw_on_device=self.mlm_draws_on_device)
+
     def mlm_loss(self, caption: TokenBatch, image_states, image_embeds_m, image_mask, alpha: float) -> torch.Tensor:
         """Distilled MLM; ``image_states``: the image tokens or their projected ImageKeysValues."""
-        input_ids, labels = losses.mask_tokens(
-            caption.input_ids, self.vocab_size, self.mask_token_id, self.pad_token_id, self.cls_token_id,
-            self.mlm_probability, draw_on_device=self.mlm_draws_on_device)
+        input_ids, labels = self.mask_caption(caption)
         with torch.no_grad():
             logits_m = self.text_encoder_m(input_ids, caption.attention_mask, encoder_hidden_states=image_embeds_m,
                                            encoder_attention_mask=image_mask, return_logits=True)

@@ -10,7 +10,8 @@ What differs from stock BERT (models.md §1.2):
 * ``encoder_embeds`` skips the embedding layer (fusion on top of an earlier text pass);
 * a list of image token sequences is used round-robin by the fusion layers (NLVR2);
 * the image side of the cross-attention can be projected once (``BertModel.image_keys_values``) and
-  reused by several fusion passes over rows of the same images (pretraining ITM + MLM);
+  reused by several fusion passes over rows of the same images (pretraining ITM + MLM), and texts
+  that attend to the same image can share one attention call (``StackedKeysValues``);
 * hidden states are collected over the executed layers only.
 
 Attention runs through ``F.scaled_dot_product_attention``; an explicit path that materialises
@@ -33,6 +34,61 @@ from torch.utils.checkpoint import checkpoint
 from models import losses
 
 
+def block_rows(blocks: Sequence[Optional[torch.Tensor]], batch: int, device) -> torch.Tensor:
+    """The image row of every text of ``blocks`` (each a block of ``batch`` texts: ``None`` = the images
+    in order, else the image index of each text), flattened."""
+    identity = torch.arange(batch, device=device)
+    return torch.cat([identity if block is None else block for block in blocks])
+
+
+@dataclass
+class StackedKeysValues:
+    """One fusion layer's image keys/values (B, heads, S, head_dim) for texts in blocks of B rows
+    (``ImageKeysValues.select_blocks``). The blocks whose texts attend to the images in order (``None``)
+    are stacked along the query axis: cross-attention has no query-query interaction, so the texts of
+    one image read its keys/values in one call (75 queries for the pretraining's three such blocks,
+    where 25-token texts fill a 64-row query tile badly) and those keys/values are never gathered.
+    The other blocks gather their rows. Same math as attending block by block."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    blocks: tuple
+
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every text's image row (what a flat selection gives)."""
+        rows = block_rows(self.blocks, self.keys.shape[0], self.keys.device)
+        return self.keys[rows], self.values[rows]
+
+    def attend(self, queries: torch.Tensor, additive_mask: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
+        """Attention of ``queries`` (n_blocks * B, heads, T, head_dim); ``additive_mask`` per text
+        (n_blocks * B, 1, 1, S) or None. Returns the context in the queries' layout."""
+        count, batch = len(self.blocks), self.keys.shape[0]
+        _, heads, length, dim = queries.shape
+        queries = queries.view(count, batch, heads, length, dim)
+        masks = None if additive_mask is None else additive_mask.view(count, batch, *additive_mask.shape[1:])
+        in_order = [i for i, block in enumerate(self.blocks) if block is None]
+        gathered = [i for i, block in enumerate(self.blocks) if block is not None]
+        contexts: list[Optional[torch.Tensor]] = [None] * count
+        if in_order:
+            stacked = queries[in_order].permute(1, 2, 0, 3, 4).reshape(batch, heads, len(in_order) * length, dim)
+            mask = None if masks is None else masks[in_order[0]]  # the same images: the same mask
+            context = F.scaled_dot_product_attention(stacked, self.keys, self.values, attn_mask=mask,
+                                                     dropout_p=dropout_p)
+            context = context.view(batch, heads, len(in_order), length, dim).permute(2, 0, 1, 3, 4)
+            for position, index in enumerate(in_order):
+                contexts[index] = context[position]
+        if gathered:
+            rows = torch.cat([self.blocks[i] for i in gathered])
+            block_queries = queries[gathered].reshape(len(gathered) * batch, heads, length, dim)
+            mask = None if masks is None else masks[gathered].reshape(len(gathered) * batch, *masks.shape[2:])
+            context = F.scaled_dot_product_attention(block_queries, self.keys[rows], self.values[rows], attn_mask=mask,
+                                                     dropout_p=dropout_p)
+            context = context.view(len(gathered), batch, heads, length, dim)
+            for position, index in enumerate(gathered):
+                contexts[index] = context[position]
+        return torch.stack(contexts).view(count * batch, heads, length, dim)
+
+
 @dataclass
 class ImageKeysValues:
     """Cross-attention keys and values of a batch of image tokens, per fusion layer, in head layout.
@@ -41,22 +97,35 @@ class ImageKeysValues:
     each pass would project the same image tokens (CLS + patches + VCs: 312 at the paper config) again
     in every fusion layer: about a tenth of the step's FLOPs. Projecting them once and picking rows is
     the same math (a linear map commutes with row selection). ``rows`` (optional) names, for each text
-    of a pass, the image row it attends to.
+    of a pass, the image row it attends to; ``blocks`` (optional, ``select_blocks``) does the same by
+    blocks of B texts, so the blocks that attend to the images in order can share their reads.
     """
 
     keys: dict[int, torch.Tensor]  # layer index -> (B, heads, S, head_dim)
     values: dict[int, torch.Tensor]
     rows: Optional[torch.Tensor] = None
+    blocks: Optional[tuple] = None
 
     def select(self, rows: torch.Tensor) -> "ImageKeysValues":
         """The same projections, attended by texts whose images are ``rows`` (indices into this batch)."""
+        if self.blocks is not None:
+            raise ValueError("select() after select_blocks() is not supported")
         return ImageKeysValues(self.keys, self.values, rows if self.rows is None else self.rows[rows])
 
-    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def select_blocks(self, blocks: Sequence[Optional[torch.Tensor]]) -> "ImageKeysValues":
+        """The same projections, attended by ``len(blocks)`` blocks of B texts: ``None`` = text i of the
+        block attends to image i, else the block's image index per text (see ``StackedKeysValues``)."""
+        if self.rows is not None or self.blocks is not None:
+            raise ValueError("select_blocks() needs the unselected keys/values of the batch")
+        return ImageKeysValues(self.keys, self.values, blocks=tuple(blocks))
+
+    def layer(self, index: int) -> Union[tuple[torch.Tensor, torch.Tensor], StackedKeysValues]:
         if index not in self.keys:
             raise KeyError(f"no precomputed image keys/values for BERT layer {index} "
                            f"(have layers {sorted(self.keys)})")
         keys, values = self.keys[index], self.values[index]
+        if self.blocks is not None:
+            return StackedKeysValues(keys, values, self.blocks)
         if self.rows is not None:
             keys, values = keys[self.rows], values[self.rows]
         return keys, values
@@ -187,16 +256,23 @@ class BertSelfAttention(nn.Module):
 
     def forward(
         self, hidden: torch.Tensor, additive_mask: Optional[torch.Tensor],
-        keys_values: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor], None] = None,
+        keys_values: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor], "StackedKeysValues", None] = None,
     ) -> torch.Tensor:
-        """``keys_values`` (cross-attention only): image tokens, or their projected (keys, values)."""
+        """``keys_values`` (cross-attention only): image tokens, their projected (keys, values), or
+        projected keys/values for texts in blocks (``StackedKeysValues``)."""
         q = self._heads(self.query(hidden))
+        dropout_p = self.dropout.p if self.training else 0.0
+        explicit = (self.save_attention and self.is_cross) or not self.fused
+        if self.is_cross and isinstance(keys_values, StackedKeysValues):
+            if not explicit:
+                context = keys_values.attend(q, additive_mask, dropout_p)
+                batch, _, length, _ = context.shape
+                return context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+            keys_values = keys_values.gathered()
         if self.is_cross and isinstance(keys_values, tuple):
             k, v = keys_values
         else:
             k, v = self.project_keys_values(keys_values if self.is_cross else hidden)
-        dropout_p = self.dropout.p if self.training else 0.0
-        explicit = (self.save_attention and self.is_cross) or not self.fused
         if explicit:
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, nh, T, S)
             if additive_mask is not None:

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, compile_with_dynamo_only
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
@@ -108,3 +108,37 @@ def test_retrieval_bench_batched_scores_equal_the_loop():
 def test_cuda_check_script_passes_on_cpu(capsys):
     assert check_cuda.main(["--device", "cpu"]) == 0
     assert '"ok": true' in capsys.readouterr().out
+
+
+def test_hashed_uniform_draws_are_uniform_exact_and_salted():
+    first = check_cuda.hashed_uniform((100, 100), 3, "cpu")
+    assert torch.equal(first, check_cuda.hashed_uniform((100, 100), 3, "cpu"))  # no generator involved
+    assert 0.0 <= float(first.min()) and float(first.max()) < 1.0
+    assert abs(float(first.mean()) - 0.5) < 0.01 and abs(float((first < 0.15).float().mean()) - 0.15) < 0.01
+    other = check_cuda.hashed_uniform((100, 100), 4, "cpu")
+    assert abs(float(torch.corrcoef(torch.stack([first.flatten(), other.flatten()]))[0, 1])) < 0.05
+
+
+def test_order_independent_draws_make_the_step_deterministic_and_survive_tracing(monkeypatch, vocab_tokenizer):
+    """Under order_independent_draws the step draws nothing from a generator (two seeds, same losses), the
+    masks and negatives are still real draws, and a dynamo-traced model gives the eager losses."""
+    from models import losses as loss_functions
+
+    compile_with_dynamo_only(monkeypatch)
+    tokenizer = vocab_tokenizer
+    model = check_cuda.tiny_model("pretrain", tokenizer, torch.device("cpu"))
+    image, caption, vc = check_cuda.make_batch(tokenizer, torch.device("cpu"))
+    twin, traced = check_cuda.copy.deepcopy(model), check_cuda.copy.deepcopy(model)  # a step writes the queue
+    check_cuda.apply_compile(traced, "model")
+    losses = []
+    with check_cuda.order_independent_draws():
+        _, labels = loss_functions.mask_tokens(caption.input_ids, len(tokenizer), tokenizer.mask_token_id,
+                                               tokenizer.pad_token_id, tokenizer.cls_token_id, draw_on_device=True)
+        assert 0 < int((labels != -100).sum()) < int(caption.attention_mask.sum())
+        for seed, module in ((0, model), (1, twin), (2, traced)):
+            torch.manual_seed(seed)
+            terms = module(image, (caption, vc), alpha=0.4)
+            losses.append([float(value.detach()) for value in terms.values()])
+    assert torch.rand(1).item() != torch.rand(1).item()  # restored
+    assert losses[0] == losses[1]
+    assert losses[2] == pytest.approx(losses[0], rel=1e-6)

@@ -9,16 +9,21 @@ The retrieval batched-vs-per-query check lives in test_retrieval.py.
 from __future__ import annotations
 
 import copy
+import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import compile_with_dynamo_only, demo_config, tiny_pretrain_batch, tiny_pretrain_model
+from conftest import REPO, compile_with_dynamo_only, demo_config, tiny_pretrain_batch, tiny_pretrain_model
 from engine.cuda_graph import autocast_context
 from models.backbone import QueueMixin
+from models.xbert import ImageKeysValues, StackedKeysValues, block_rows
 from optim import create_optimizer
+
+sys.path.insert(0, os.path.join(REPO, "bench"))  # check_cuda: order-independent random draws
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -126,6 +131,57 @@ def test_shared_image_keys_values_give_the_same_losses_and_gradients(tokenizer, 
         projections.append(count[0])
     assert projections == [1, 2]  # one projection for ITM + MLM, against one per pass
     assert_same_terms_and_gradients(results[0], results[1])
+
+
+@pytest.mark.parametrize("share_image_keys_values, mask_vc_padding", [(True, False), (True, True), (False, False)],
+                         ids=["stacked_keys_values", "stacked_masked_vc_padding", "per_pass"])
+def test_merged_text_passes_give_the_same_losses_and_gradients(tokenizer, share_image_keys_values, mask_vc_padding):
+    """merge_text_passes: one text pass of 2B captions and one fusion pass of 4B texts instead of two
+    each; per text the same math. The random draws come in another order (MLM masks first), so both
+    models draw order-independent stand-ins (bench/check_cuda.py); dropout is off."""
+    from check_cuda import order_independent_draws
+
+    separate = tiny_pretrain_model(tokenizer, mask_vc_padding=mask_vc_padding).eval()
+    separate.share_image_keys_values = share_image_keys_values
+    merged = copy.deepcopy(separate)
+    merged.merge_text_passes = True
+    batch = tiny_pretrain_batch(tokenizer)
+    results, passes = [], []
+    for model in (separate, merged):
+        layers = model.text_encoder.bert.encoder.layer
+        count = {"text": 0, "fusion": 0}
+        hooks = [layers[0].register_forward_hook(lambda *_: count.__setitem__("text", count["text"] + 1)),
+                 layers[-1].register_forward_hook(lambda *_: count.__setitem__("fusion", count["fusion"] + 1))]
+        with order_independent_draws():
+            results.append(terms_and_gradients(model, batch))
+        for hook in hooks:
+            hook.remove()
+        passes.append(count)
+    assert passes == [{"text": 2, "fusion": 2}, {"text": 1, "fusion": 1}]
+    assert_same_terms_and_gradients(results[0], results[1])
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "image_mask"])
+def test_stacked_keys_values_attend_as_block_by_block_attention(masked):
+    """Texts in blocks of B: the in-order blocks share one call (queries stacked), the others gather."""
+    torch.manual_seed(0)
+    batch, heads, length, tokens, dim = 3, 2, 5, 7, 4
+    keys, values = torch.randn(batch, heads, tokens, dim), torch.randn(batch, heads, tokens, dim)
+    blocks = (None, torch.tensor([2, 0, 0]), None, None)
+    queries = torch.randn(len(blocks) * batch, heads, length, dim)
+    stacked = StackedKeysValues(keys, values, blocks)
+    rows = block_rows(blocks, batch, "cpu")
+    assert rows.tolist() == [0, 1, 2, 2, 0, 0, 0, 1, 2, 0, 1, 2]
+    mask = None
+    if masked:  # image i ignores its last i tokens, gathered per text like the image masks
+        keep = torch.arange(tokens)[None, :] < tokens - torch.arange(batch)[:, None]
+        mask = ((~keep).float() * -1e9)[rows][:, None, None, :]
+    expected = F.scaled_dot_product_attention(queries, keys[rows], values[rows], attn_mask=mask)
+    torch.testing.assert_close(stacked.attend(queries, mask, 0.0), expected, atol=1e-6, rtol=1e-5)
+    gathered_keys, gathered_values = stacked.gathered()  # what the explicit (Grad-CAM) path reads
+    assert torch.equal(gathered_keys, keys[rows]) and torch.equal(gathered_values, values[rows])
+    with pytest.raises(ValueError, match="unselected"):
+        ImageKeysValues({6: keys}, {6: values}).select(rows).select_blocks(blocks)
 
 
 def test_image_keys_values_pick_the_rows_a_pass_attends_to(tokenizer):
