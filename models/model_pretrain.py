@@ -175,6 +175,7 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
         logits = self.text_encoder.cls(fused[3 * batch:])
         return loss_itm, losses.mlm_loss(logits, mlm_labels, soft_labels, alpha)
 
+    # ------------------------------------------------------------------------------------------
     def hierarchical_loss(self, image_hidden: tuple, text_hidden: tuple) -> torch.Tensor:
         """Level i pairs ViT block (depth-1-n+i) with BERT text hidden entry (fusion-n+i) (§3.4)."""
         levels = self.num_hidden_align

@@ -355,15 +355,19 @@ def test_compile_blocks_compiles_each_vit_block_and_bert_layer_in_place(tokenize
         configure_runtime(tiny_pretrain_model(tokenizer), {"compile": "fast"})
 
 
-def test_a_compiled_training_step_equals_the_eager_step(tokenizer, monkeypatch):
+@pytest.mark.parametrize("mode, merge_text_passes", [("model", False), ("blocks", True)],
+                         ids=["whole_model", "blocks_merged_passes"])
+def test_a_compiled_training_step_equals_the_eager_step(tokenizer, monkeypatch, mode, merge_text_passes):
     """The whole forward traced by dynamo (the eager backend here: inductor's CPU code generation takes
     minutes; on a GPU bench/check_cuda.py --compile_model checks inductor's kernels): same losses and
-    gradients. (Compiled blocks run through the same tracing: test_grounding's Grad-CAM check.)"""
+    gradients. Compiled blocks are checked with merged passes, whose fusion layers receive
+    StackedKeysValues (the default blocks also run in test_grounding's Grad-CAM check)."""
     from engine.trainer import apply_compile
 
     compile_with_dynamo_only(monkeypatch)
     eager = tiny_pretrain_model(tokenizer)
-    compiled = apply_compile(copy.deepcopy(eager), "model")
+    eager.merge_text_passes = merge_text_passes
+    compiled = apply_compile(copy.deepcopy(eager), mode)
     batch = tiny_pretrain_batch(tokenizer)
     results = [terms_and_gradients(model, batch, alpha=torch.tensor(0.4)) for model in (eager, compiled)]
     torch._dynamo.reset()
