@@ -34,7 +34,8 @@ def test_pretrain_bench_reports_losses_memory_and_a_profile(capsys, tmp_path):
     assert profile["cpu_self_ms_per_step"] > 0 and len(profile["top_ops_ms_per_step"]) > 5
     table = json.loads(table_path.read_text())  # every operator (CPU), largest first, more than the top list
     times = [row["ms_per_step"] for row in table["rows"]]
-    assert table["device"] == "cpu" and len(times) > len(profile["top_ops_ms_per_step"]) and times == sorted(times)[::-1]
+    assert table["device"] == "cpu" and len(times) > len(profile["top_ops_ms_per_step"])
+    assert times == sorted(times, reverse=True)
     assert sum(times) == pytest.approx(profile["cpu_self_ms_per_step"], rel=0.01)
     assert {"aten::addmm", "aten::scaled_dot_product_attention"} & {row["name"] for row in table["rows"]}
     assert capsys.readouterr().out.strip().startswith("{")  # one JSON line on stdout
@@ -142,3 +143,25 @@ def test_order_independent_draws_make_the_step_deterministic_and_survive_tracing
     assert torch.rand(1).item() != torch.rand(1).item()  # restored
     assert losses[0] == losses[1]
     assert losses[2] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_kernel_tables_compare_by_family_and_match_inductor_kernels_across_compilations(tmp_path):
+    import compare_kernels
+
+    def table(path, rows):
+        path.write_text(json.dumps({"device": "cuda", "steps": 2, "rows": [
+            {"name": name, "ms_per_step": ms, "calls_per_step": calls} for name, ms, calls in rows]}))
+        return str(path)
+
+    gemm, add = "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN", "vectorized_elementwise_kernel<4, add<float>"
+    before = table(tmp_path / "a.json", [(gemm, 6.0, 64), ("triton_poi_fused_gelu_view_8", 2.5, 44), (add, 2.75, 448)])
+    after = table(tmp_path / "b.json", [(gemm, 6.0, 64), ("triton_poi_fused_gelu_view_56", 1.0, 12),
+                                        ("triton_poi_fused_gelu_view_89", 1.0, 12)])
+    result = compare_kernels.main([before, after, "--top", "2"])
+    assert (result["total_ms_before"], result["total_ms_after"]) == (11.25, 8.0)
+    assert result["groups_ms"]["matmul"] == [6.0, 6.0] and result["groups_ms"]["elementwise"] == [2.75, 0.0]
+    first, second = result["largest_changes"]
+    assert first["delta_ms"] == -2.75 and first["calls_after"] == 0.0
+    assert second["name"] == "triton_poi_fused_gelu_view" and second["calls_after"] == 24.0  # 2 kernels, one fusion
+    with pytest.raises(SystemExit, match="not a kernel table"):
+        compare_kernels.main([str(tmp_path / "missing.json"), after])
