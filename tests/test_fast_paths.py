@@ -125,10 +125,19 @@ def test_shared_image_keys_values_give_the_same_losses_and_gradients(tokenizer, 
     results, projections = [], []
     for model in (shared, per_pass):
         count = [0]
-        key_layer = model.text_encoder.bert.encoder.layer[-1].crossattention.self.key
+        bert = model.text_encoder.bert
+        key_layer = bert.encoder.layer[-1].crossattention.self.key  # per pass: each layer's own projection
         handle = key_layer.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        project_all = bert.image_keys_values  # shared: every layer's keys/values in one product
+
+        def counting(*args, project_all=project_all):
+            count[0] += 1
+            return project_all(*args)
+
+        bert.image_keys_values = counting
         results.append(terms_and_gradients(model, batch))  # projecting draws no random numbers
         handle.remove()
+        del bert.image_keys_values
         projections.append(count[0])
     assert projections == [1, 2]  # one projection for ITM + MLM, against one per pass
     assert_same_terms_and_gradients(results[0], results[1])
