@@ -9,7 +9,7 @@ self-attention over 25 tokens (padding mask, dropout 0.1), the visual-concept en
 tokens (same), and the fusion layers' cross-attention of 25 text tokens over the 312 image tokens
 (image mask, dropout 0.1; 3B texts in the ITM pass). Each is timed with every
 ``scaled_dot_product_attention`` backend that serves it and with the explicit product-softmax-product
-(eager and, with ``--compile``, compiled). Prints one JSON line: milliseconds per call, forward and
+(eager, and ``explicit_compiled`` through torch.compile). Prints one JSON line: milliseconds per call, forward and
 forward + backward, and the achieved TFLOP/s, per shape and kernel; a kernel that cannot serve a
 shape is reported with its error.
 """
