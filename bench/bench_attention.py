@@ -18,13 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_pretrain import sdpa_backend, synchronize  # noqa: E402
+from models.xbert import attention_probabilities  # noqa: E402
 
 KERNELS = ("auto", "cudnn", "flash", "efficient", "math", "explicit", "explicit_compiled")
 
@@ -40,12 +46,8 @@ def attention_shapes(batch: int, heads: int = 12, head_dim: int = 64) -> dict[st
 
 
 def explicit_attention(q, k, v, attn_mask=None, dropout_p=0.0):
-    """What models/xbert.py's explicit path computes (scores, additive mask, softmax, dropout, product)."""
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if attn_mask is not None:
-        scores = scores + attn_mask
-    probs = F.dropout(scores.softmax(dim=-1), p=dropout_p)
-    return probs @ v
+    """models/xbert.py's explicit path: its attention maps, dropout, product with the values."""
+    return F.dropout(attention_probabilities(q, k, attn_mask), p=dropout_p) @ v
 
 
 def make_inputs(shape: dict, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
@@ -72,10 +74,9 @@ def kernel_function(kernel: str) -> Callable:
         return torch.compile(explicit_attention, dynamic=False)
     if kernel == "auto":
         return F.scaled_dot_product_attention
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
-    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[kernel]
+    backend = sdpa_backend(kernel)
 
     def only(q, k, v, attn_mask=None, dropout_p=0.0):
         with sdpa_kernel([backend]):
@@ -84,20 +85,15 @@ def kernel_function(kernel: str) -> Callable:
     return only
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_calls(run: Callable[[], None], device: torch.device, iterations: int, warmup: int) -> float:
     """Milliseconds per call of ``run`` (wall clock around synchronised loops)."""
     for _ in range(warmup):
         run()
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(iterations):
         run()
-    _sync(device)
+    synchronize(device)
     return 1000 * (time.perf_counter() - start) / max(1, iterations)
 
 

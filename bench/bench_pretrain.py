@@ -152,18 +152,24 @@ def random_batch(batch: int, image_res: int, text_length: int, vc_length: int, t
     return image.to(device), caption.to(device), vc.to(device)
 
 
+def sdpa_backend(name: str):
+    """The ``torch.nn.attention.SDPBackend`` called ``name`` (flash, cudnn, efficient, math)."""
+    from torch.nn.attention import SDPBackend
+
+    return {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+
+
 def attention_kernels(backend: str):
     """A context making ``backend`` the first choice of ``scaled_dot_product_attention`` (``auto``: PyTorch's
     order). Calls it cannot serve (flash: no additive mask, i.e. BERT's padded texts) fall back to
     memory-efficient attention, then the math path."""
     if backend == "auto":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
-    kinds = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    fallbacks = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    order = [kinds[backend]] + [kind for kind in fallbacks if kind != kinds[backend]]
+    fallbacks = [sdpa_backend("efficient"), sdpa_backend("math")]
+    order = [sdpa_backend(backend)] + [kind for kind in fallbacks if kind != sdpa_backend(backend)]
     return sdpa_kernel(order, set_priority=True)
 
 
@@ -189,7 +195,7 @@ def build_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     return step, graphed
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -198,7 +204,7 @@ def count_syncs(step: Callable[[], object], device: torch.device) -> dict:
     """Run ``step()`` once with CUDA's sync debug mode and list where it synchronised."""
     if device.type != "cuda":
         return {"host_syncs_per_step": None, "sync_sites": {}}
-    _synchronize(device)
+    synchronize(device)
     caught: list[tuple[str, str]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -262,11 +268,11 @@ def profile_steps(step: Callable[[], object], device: torch.device, steps: int, 
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    _synchronize(device)
+    synchronize(device)
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        _synchronize(device)
+        synchronize(device)
     kernels = [event for event in prof.events() if event.device_type == DeviceType.CUDA]
     # Operators only (kernel rows would count the same time twice); ranked by the time of the kernels
     # they launched on the device, or by their own CPU time on a CPU run.
@@ -378,12 +384,12 @@ def run(args: argparse.Namespace) -> dict:
     warm_start = time.perf_counter()
     for _ in range(args.warmup):
         step()
-    _synchronize(device)
+    synchronize(device)
     record["warmup_seconds"] = round(time.perf_counter() - warm_start, 2)
     if graphed.enabled:  # the next call captures (and replays once): timed apart from the steps
         capture_start = time.perf_counter()
         step()
-        _synchronize(device)
+        synchronize(device)
         record["capture_seconds"] = round(time.perf_counter() - capture_start, 2)
     record["graph_captured"] = graphed.captured
     if args.sync_debug:
@@ -396,7 +402,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     history: list[torch.Tensor] = []
     names: list[str] = []
-    _synchronize(device)
+    synchronize(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     for index in range(args.steps):
         terms = step()
@@ -404,7 +410,7 @@ def run(args: argparse.Namespace) -> dict:
         history.append(torch.stack([value.float() for value in terms.values()]))  # read once at the end
         if (index + 1) % max(1, args.steps // 4) == 0:
             print(f"step {index + 1}/{args.steps}", file=sys.stderr, flush=True)
-    _synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start
     memory, memory_kind = peak_memory_gib(device)

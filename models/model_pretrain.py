@@ -171,9 +171,8 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
             fused_m = self.text_encoder_m.bert(encoder_embeds=masked_text_m, attention_mask=caption_mask,
                                                encoder_hidden_states=images_m, encoder_attention_mask=image_mask,
                                                mode="fusion").last_hidden_state
-            soft_labels = F.softmax(self.text_encoder_m.cls(fused_m), dim=-1, dtype=torch.float32)
-        logits = self.text_encoder.cls(fused[3 * batch:])
-        return loss_itm, losses.mlm_loss(logits, mlm_labels, soft_labels, alpha)
+            logits_m = self.text_encoder_m.cls(fused_m)
+        return loss_itm, self.distilled_mlm_loss(self.text_encoder.cls(fused[3 * batch:]), logits_m, mlm_labels, alpha)
 
     # ------------------------------------------------------------------------------------------
     def hierarchical_loss(self, image_hidden: tuple, text_hidden: tuple) -> torch.Tensor:
@@ -200,10 +199,14 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
         with torch.no_grad():
             logits_m = self.text_encoder_m(input_ids, caption.attention_mask, encoder_hidden_states=image_embeds_m,
                                            encoder_attention_mask=image_mask, return_logits=True)
-        out = self.text_encoder(input_ids, caption.attention_mask, encoder_hidden_states=image_states,
-                                encoder_attention_mask=image_mask, labels=labels,
-                                soft_labels=F.softmax(logits_m, dim=-1, dtype=torch.float32), alpha=alpha)
-        return out.loss
+        logits = self.text_encoder(input_ids, caption.attention_mask, encoder_hidden_states=image_states,
+                                   encoder_attention_mask=image_mask, return_logits=True)
+        return self.distilled_mlm_loss(logits, logits_m, labels, alpha)
+
+    @staticmethod
+    def distilled_mlm_loss(logits, logits_m, labels, alpha: float) -> torch.Tensor:
+        """MLM cross-entropy mixed with the momentum model's predictions (fp32 soft labels, models.md §3.6)."""
+        return losses.mlm_loss(logits, labels, F.softmax(logits_m, dim=-1, dtype=torch.float32), alpha)
 
     def mae_loss(self, image: torch.Tensor) -> torch.Tensor:
         """Unimodal MAE: encode 25 % of the patches, decode all, regress masked pixels (§3.7)."""

@@ -34,6 +34,15 @@ from torch.utils.checkpoint import checkpoint
 from models import losses
 
 
+def attention_probabilities(queries: torch.Tensor, keys: torch.Tensor,
+                            additive_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask): the explicit attention maps (what the fused kernel never writes)."""
+    scores = queries @ keys.transpose(-1, -2) / math.sqrt(queries.shape[-1])  # (B, nh, T, S)
+    if additive_mask is not None:
+        scores = scores + additive_mask
+    return scores.softmax(dim=-1)
+
+
 def block_rows(blocks: Sequence[Optional[torch.Tensor]], batch: int, device) -> torch.Tensor:
     """The image row of every text of ``blocks`` (each a block of ``batch`` texts: ``None`` = the images
     in order, else the image index of each text), flattened."""
@@ -274,10 +283,7 @@ class BertSelfAttention(nn.Module):
         else:
             k, v = self.project_keys_values(keys_values if self.is_cross else hidden)
         if explicit:
-            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, nh, T, S)
-            if additive_mask is not None:
-                scores = scores + additive_mask
-            probs = scores.softmax(dim=-1)
+            probs = attention_probabilities(q, k, additive_mask)
             if self.save_attention and self.is_cross:
                 self.attention_map = probs
                 if probs.requires_grad:
