@@ -121,8 +121,8 @@ def _is_phrasal_preposition(words: Sequence[str], start: int, end: int) -> bool:
     return any(p[1:-1] == chunk and p[0] == before and p[-1] == after for p in _PREP_PATTERNS)
 
 
-def _sentence_heads(tagged: List[Tuple[str, str]], parser: Any) -> List[str]:
-    """Head of every noun phrase of one tagged sentence, in order."""
+def _sentence_heads(tagged: List[Tuple[str, str]], parser: Any, lower: bool = True) -> List[str]:
+    """Head of every noun phrase of one tagged sentence, in order (lower-cased unless `lower` is False)."""
     words = [w for w, _ in tagged]
     heads, i = [], 0
     for node in parser.parse(tagged):
@@ -140,7 +140,7 @@ def _sentence_heads(tagged: List[Tuple[str, str]], parser: Any) -> List[str]:
                 break
             head.insert(0, word)
         if head and all(_HAS_LETTER.search(w) for w in head):
-            heads.append(' '.join(head).lower())
+            heads.append(' '.join(head).lower() if lower else ' '.join(head))
     return heads
 
 
@@ -156,8 +156,8 @@ def _parser() -> Any:
     return _PARSER
 
 
-def concept_heads(text: str, tagger: Any) -> List[str]:
-    """Lower-cased head nouns of the noun phrases of `text`, in order of appearance.
+def concept_heads(text: str, tagger: Any, lower: bool = True) -> List[str]:
+    """Head nouns of the noun phrases of `text`, in order of appearance, lower-cased by default.
 
     "a stop sign near a red car" -> ["stop sign", "car"].
     """
@@ -167,8 +167,18 @@ def concept_heads(text: str, tagger: Any) -> List[str]:
         # Punctuation is tagged as itself (the Treebank convention) whatever the tagger says,
         # so a stray "." can never extend a noun phrase.
         tagged = [(w, t if _HAS_WORD_CHAR.search(w) else w) for w, t in tagger.tag(sent)]
-        heads.extend(_sentence_heads(tagged, parser))
+        heads.extend(_sentence_heads(tagged, parser, lower))
     return heads
+
+
+def make_title(value: Text, tagger: Any) -> Optional[str]:
+    """Step 5 (spec §5.5): the entity heads of the first caption joined by " and ", as written (not
+    lower-cased); the caption itself when it has none; None when the record has no caption."""
+    captions = _texts_of(value)
+    if not captions:
+        return None
+    heads = concept_heads(captions[0], tagger, lower=False)
+    return ' and '.join(heads) if heads else captions[0]
 
 
 def _texts_of(value: Text) -> List[str]:
@@ -200,6 +210,30 @@ def _count_batch(texts: List[Text], tagger: Any = None) -> Tuple[Dict[str, int],
             for head in concept_heads(caption, tagger):
                 occurrences[head] = occurrences.get(head, 0) + 1
     return occurrences, skipped
+
+
+def _title_batch(texts: List[Text], tagger: Any = None) -> List[Optional[str]]:
+    tagger = tagger if tagger is not None else _WORKER_TAGGER
+    return [make_title(value, tagger) for value in texts]
+
+
+def make_titles(texts: Sequence[Text], tagger: Any, *, workers: int = 1, batch: int = 500) -> List[Optional[str]]:
+    """`make_title` of every record's caption field, in order, in `workers` processes."""
+    pieces = [list(texts[i:i + batch]) for i in range(0, len(texts), batch)]
+    pool = (multiprocessing.get_context().Pool(workers, _init_worker, (tagger,))
+            if workers > 1 else None)
+    titles: List[Optional[str]] = []
+    try:
+        parts: Iterable = (pool.imap(_title_batch, pieces) if pool is not None
+                           else (_title_batch(p, tagger) for p in pieces))
+        with tqdm(total=len(texts), desc='titling captions', unit='rec') as bar:
+            for part in parts:
+                titles.extend(part)
+                bar.update(len(part))
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return titles
 
 
 def _merge(total: Dict[str, int], part: Dict[str, int]) -> None:

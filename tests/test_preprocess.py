@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import create_clip_da_captions_from_saved as create_cmd
+import create_titles as titles_cmd
 import extract_keywords as extract_cmd
 import filter_dataset_per_image as per_image_cmd
 import filter_dataset_percentage as percentage_cmd
@@ -213,6 +214,26 @@ def test_extract_keywords_command(data, tagger_dir, tmp_path, capsys):
                       '--tagger', tagger_dir, '--max_num_keys', '2'])
     assert _read(out3) == ['stop sign', 'car']
     assert f'({len(CAPTIONS) * 2} without' in capsys.readouterr().out
+
+
+def test_create_titles_joins_the_first_captions_entities(data, tagger_dir, tagger, tmp_path):
+    records = [{'image': 'a.jpg', 'caption': ['A woman holding a tennis racket', 'a dog'], 'kwords': ['x']},
+               {'image': 'b.jpg', 'caption': 'a stop sign near a red car'},
+               {'image': 'c.jpg', 'caption': 'it is a sunny'},  # no entity: the caption is its own title
+               {'image': 'd.jpg', 'sentence': 'a cat'}]  # no caption field: left as it was
+    source = tmp_path / 'd_kw.json'
+    source.write_text(json.dumps(records))
+    out = tmp_path / 'd_ttl_kw.json'
+    titles_cmd.main(['--data_json', str(source), '--output', str(out), '--tagger', tagger_dir, '--workers', '2'])
+    written = _read(out)
+    assert [r.get('title') for r in written] == ['woman and tennis racket', 'stop sign and car', 'it is a sunny', None]
+    assert written[0]['kwords'] == ['x'] and written[3] == records[3]  # every other field kept
+    assert keywords.make_title(['The Man on a horse'], tagger) == 'Man and horse'  # as written, not lower-cased
+    with pytest.raises(FileExistsError, match='--overwrite'):
+        titles_cmd.main(['--data_json', str(source), '--output', str(out), '--tagger', tagger_dir])
+    with pytest.raises(ValueError, match="'text'"):
+        titles_cmd.main(['--data_json', str(source), '--output', str(tmp_path / 'x.json'), '--tagger', tagger_dir,
+                         '--text_field', 'text'])
 
 
 def test_extract_keywords_resumes(data, tagger_dir, tmp_path):
