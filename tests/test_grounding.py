@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, compile_with_dynamo_only, demo_config, demo_flags
 from engine.config import load_config
 from engine.tasks.grounding import (RefReader, box_scores, candidate_box_chance, compute_iou, gradcam_maps,
-                                    grounding_eval, select_box, upsample_heatmap)
+                                    grounding_eval, itc_gradcam_maps, select_box, upsample_heatmap)
 from models import MODEL_BUILDERS
 from models.checkpoint import adapt_state_dict, load_checkpoint, load_state_dict_checked
 from tools.state_dict_keys import state_dict_shapes
@@ -191,6 +191,44 @@ def test_gradcam_works_through_compiled_layers(tiny_model, tokenizer, monkeypatc
     torch.testing.assert_close(compiled, plain, atol=1e-7, rtol=1e-5)
 
 
+def test_itc_gradcam_is_the_cls_row_of_the_vit_block_times_its_positive_gradient(tiny_model, tokenizer):
+    """The 'itc' mode against a hand-written explicit attention for the same block (the model's own
+    fused attention elsewhere): CLS query row, patch keys only, gradient clamped at 0, mean over heads."""
+    images, vc, text = two_referring_inputs(tokenizer, seed=6)
+    block = tiny_model.visual_encoder.blocks[2]
+    maps = itc_gradcam_maps(tiny_model, images, vc, text, block_num=2)
+    grid = tiny_model.visual_encoder.grid_size
+    assert maps.shape == (2, grid, grid) and (maps >= 0).all() and maps.sum() > 0
+    assert block.attn.fused_attn and not block.attn.attn_drop._forward_hooks  # restored
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+    kept = []
+
+    def explicit_attention(x, attn_mask=None, **unused):
+        attn = block.attn
+        batch, length, width = x.shape
+        q, k, v = attn.qkv(x).reshape(batch, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        probs = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(dim=-1)
+        kept.append(probs)
+        return attn.proj((probs @ v).transpose(1, 2).reshape(batch, length, width))
+
+    block.attn.forward = explicit_attention
+    try:
+        image_embeds, _ = tiny_model.encode_image(images, vc)
+        text_cls = tiny_model.text_bert(text.input_ids, text.attention_mask, mode="text").last_hidden_state[:, 0]
+        image_feat = torch.nn.functional.normalize(tiny_model.vision_proj(image_embeds[:, 0]), dim=-1)
+        text_feat = torch.nn.functional.normalize(tiny_model.text_proj(text_cls), dim=-1)
+        similarity = image_feat @ text_feat.t() / tiny_model.temp
+        (grads,) = torch.autograd.grad(similarity.diagonal().sum(), kept[0])
+    finally:
+        del block.attn.forward
+    patches = slice(1, 1 + grid * grid)
+    expected = (kept[0][:, :, 0, patches] * grads[:, :, 0, patches].clamp(min=0)).mean(dim=1).reshape(2, grid, grid)
+    torch.testing.assert_close(maps, expected.detach(), atol=1e-7, rtol=1e-4)
+    with pytest.raises(ValueError, match="block_num 4 is not a ViT block.*0..3"):
+        itc_gradcam_maps(tiny_model, images, vc, text, block_num=4)
+
+
 def test_gradcam_layer_must_have_cross_attention(tiny_model, tokenizer):
     vc = tokenizer(["red"], padding="max_length", max_length=55)
     text = tokenizer(["red"], padding="longest")
@@ -253,12 +291,18 @@ def test_evaluate_reproduces_the_logged_accuracy(finetuned, demo_data, tmp_path)
     assert record == {"val_d": best["val_d"], "testA_d": best["testA_d"], "testB_d": best["testB_d"], "epoch": 0}
 
 
-def test_itc_gradcam_mode_is_refused(demo_data, tmp_path):
+def test_itc_gradcam_mode_evaluates_a_checkpoint(finetuned, demo_data, tmp_path):
+    """``--gradcam_mode itc`` (upstream it crashed, pipeline.md §10 B1) evaluates end to end; the block
+    must be a ViT block."""
     import Grounding
 
     flags = demo_flags(demo_data, "json", str(tmp_path), DEMO_CONFIG)
-    with pytest.raises(ValueError, match="itc.*never ran"):
-        Grounding.main(["--gradcam_mode", "itc"] + flags)
+    checkpoint = ["--evaluate", "--checkpoint", os.path.join(finetuned, "checkpoint_best.pth")]
+    record = Grounding.main(checkpoint + ["--gradcam_mode", "itc", "--block_num", "3"] + flags)
+    assert set(record) == {"val_d", "testA_d", "testB_d", "epoch"}
+    assert all(0.0 <= record[f"{split}_d"] <= 1.0 for split in ("val", "testA", "testB"))
+    with pytest.raises(ValueError, match="block_num 8 is not a ViT block"):
+        Grounding.main(checkpoint + ["--gradcam_mode", "itc", "--block_num", "8"] + flags)
 
 
 def test_visualisation_writes_a_png(finetuned, demo_data, tmp_path):

@@ -224,6 +224,50 @@ def gradcam_maps(model: nn.Module, image: torch.Tensor, vc: TokenBatch, text: To
     return (cams * grads).mean(dim=1).mean(dim=1).detach().float()  # (B, g, g)
 
 
+def check_vit_block_num(model: nn.Module, block_num: int) -> None:
+    """The 'itc' Grad-CAM layer must be a ViT block (it reads the block's self-attention)."""
+    depth = len(model.visual_encoder.blocks)
+    if not 0 <= block_num < depth:
+        raise ValueError(f"--block_num {block_num} is not a ViT block of this image encoder ('itc' Grad-CAM): "
+                         f"choose 0..{depth - 1}")
+
+
+def itc_gradcam_maps(model: nn.Module, image: torch.Tensor, vc: TokenBatch, text: TokenBatch,
+                     block_num: int) -> torch.Tensor:
+    """Grad-CAM of the summed matched ITC similarities on ViT block ``block_num``'s self-attention; (B, g, g).
+
+    The 'itc' mode of pipeline.md §6.5 (upstream it read an attribute no released model defines, §10 B1;
+    here with every VC switch off). The score is ``sum_i <image_i, text_i> / temp`` of the normalised
+    projected [CLS] features (text encoder in text mode). The map is the image [CLS] query's row of
+    the block's attention probabilities over the patch keys (image [CLS] and VC tokens dropped) times
+    its gradient clamped at 0, averaged over heads. The block runs timm's explicit attention for the
+    call; its probabilities are read where they enter the (identity, in eval) attention dropout.
+    """
+    check_vit_block_num(model, block_num)
+    attention = model.visual_encoder.blocks[block_num].attn
+    recorded: list[torch.Tensor] = []
+    hook = attention.attn_drop.register_forward_hook(lambda module, inputs, output: recorded.append(output))
+    fused, attention.fused_attn = attention.fused_attn, False
+    try:
+        with torch.enable_grad():
+            image_embeds, _ = model.encode_image(image, vc)  # (B, 1+N+Lk, D)
+            text_cls = model.text_bert(text.input_ids, text.attention_mask, mode="text").last_hidden_state[:, 0]
+            image_feat = F.normalize(model.vision_proj(image_embeds[:, 0]), dim=-1)
+            text_feat = F.normalize(model.text_proj(text_cls), dim=-1)
+            score = ((image_feat * text_feat).sum(dim=-1) / model.temp).sum()  # diagonal of the similarities
+            if len(recorded) != 1:
+                raise RuntimeError(f"ViT block {block_num} recorded {len(recorded)} attention maps, expected 1")
+            (grads,) = torch.autograd.grad(score, recorded[0])
+    finally:
+        hook.remove()
+        attention.fused_attn = fused
+    grid = model.visual_encoder.grid_size
+    patches = grid * grid
+    cams = recorded[0][:, :, 0, 1:1 + patches]  # (B, heads, N): the image [CLS] row over the patch keys
+    grads = grads[:, :, 0, 1:1 + patches].clamp(min=0)
+    return (cams * grads).mean(dim=1).reshape(-1, grid, grid).detach().float()
+
+
 class GroundingEvalCollate:
     """``((image, vc), text, ref_id)`` items -> (images, vc padded to 55, text padded to the longest, ref_ids).
 
@@ -245,6 +289,11 @@ class GroundingEvalCollate:
 # Task
 
 
+# --gradcam_mode -> map function: ITM score on a fusion layer's cross-attention (default), or the ITC
+# similarity on a ViT block's self-attention.
+GRADCAM_MODES = {"itm": gradcam_maps, "itc": itc_gradcam_maps}
+
+
 class GroundingTask(RetrievalTask):
     """Retrieval training on expressions (idx = image file index); Grad-CAM box accuracy per split."""
 
@@ -255,11 +304,9 @@ class GroundingTask(RetrievalTask):
     log_best_epoch = False  # Grounding.py writes no "best epoch" line
 
     def __init__(self, gradcam_mode: str = "itm", block_num: Optional[int] = None) -> None:
-        if gradcam_mode != "itm":
-            raise ValueError(
-                f"--gradcam_mode {gradcam_mode!r} is not available: the original 'itc' mode reads an attribute "
-                "(kw_img_token) that no released ViCHA model defines, so it never ran; use 'itm'"
-            )
+        if gradcam_mode not in GRADCAM_MODES:
+            raise ValueError(f"--gradcam_mode {gradcam_mode!r}: expected one of {sorted(GRADCAM_MODES)}")
+        self.gradcam_mode = gradcam_mode
         self.block_num = block_num
 
     def build_datasets(self, config: dict, args: Any) -> dict:
@@ -284,20 +331,21 @@ class GroundingTask(RetrievalTask):
         """--block_num, else the config's ``block_num``, else 8 (the original default)."""
         if self.block_num is not None:
             return self.block_num
-        return config.get("block_num") or DEFAULT_BLOCK_NUM
+        return config["block_num"] if config.get("block_num") is not None else DEFAULT_BLOCK_NUM
 
     def evaluate(self, model: nn.Module, loaders: dict, config: dict, args: Any, epoch: int,
                  device: torch.device) -> dict:
         model.eval()
         block_num = self.resolve_block_num(config)
-        check_block_num(model, block_num)
+        gradcam = GRADCAM_MODES[self.gradcam_mode]
+        (check_block_num if self.gradcam_mode == "itm" else check_vit_block_num)(model, block_num)
         bf16 = bool(config.get("bf16", False))
         results: list[dict] = []
         logger = utils.MetricLogger(delimiter="  ")
         for images, vc, text, ref_ids in logger.log_every(loaders["test"], get_option(config, "print_freq"),
                                                           "Evaluation (Grad-CAM):"):
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                maps = gradcam_maps(model, images.to(device), vc.to(device), text.to(device), block_num)
+                maps = gradcam(model, images.to(device), vc.to(device), text.to(device), block_num)
             results += [{"ref_id": int(r), "pred": m.cpu()} for r, m in zip(ref_ids.tolist(), maps)]
         gathered = [item for part in utils.all_gather_object(results) for item in part]
         if not utils.is_main_process():
