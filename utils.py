@@ -154,6 +154,19 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Give every rank ``src``'s buffers (in place; a no-op in a single process).
+
+    Called once before training: ranks seed differently, so buffers drawn at construction (the
+    randomly initialised ITC queues) would otherwise differ per rank until every column has been
+    overwritten. The original's DDP broadcast them from rank 0 at every step.
+    """
+    if get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=src)
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process.
 

@@ -76,14 +76,21 @@ def resolve_paths(script: str, config: dict, data_dir: str, data_json_dir: str) 
 
 
 def _vc_options(config: dict) -> dict:
-    """VC keys shared by every dataset: `sep_token` (code default True) and `randkw_p` (default off)."""
+    """VC keys of the training datasets: `sep_token` (code default True) and `randkw_p` (default off)."""
     return {"sep_token": config.get("sep_token", True), "randkw_p": config.get("randkw_p")}
 
 
+def _eval_vc(vc: dict) -> dict:
+    """Evaluation datasets keep every VC: the original passes `randkw_p` to the training datasets only."""
+    return {**vc, "randkw_p": None}
+
+
 def _train_transform(kind: str, config: dict, res: int) -> Any:
-    """The training transform with the config's augmentation keys (`crop_min_scale`, `horizontal_flip`)."""
+    """The training transform with the config's augmentation keys (`crop_min_scale`, `horizontal_flip`,
+    `fix_autocontrast`)."""
     return build_transform(kind, res, crop_min_scale=config.get("crop_min_scale"),
-                           horizontal_flip=config.get("horizontal_flip", True))
+                           horizontal_flip=config.get("horizontal_flip", True),
+                           fix_autocontrast=config.get("fix_autocontrast", False))
 
 
 def _pretrain(config: dict, res: int, vc: dict, data_dir: str | None) -> Dataset:
@@ -96,8 +103,8 @@ def _retrieval(config: dict, res: int, vc: dict, data_dir: str | None) -> tuple[
     root, test_t = config["image_root"], build_transform("test", res)
     return (
         RetrievalTrainDataset(config["train_file"], _train_transform("train", config, res), root, **vc),
-        RetrievalEvalDataset(config["val_file"], test_t, root, **vc),
-        RetrievalEvalDataset(config["test_file"], test_t, root, **vc),
+        RetrievalEvalDataset(config["val_file"], test_t, root, **_eval_vc(vc)),
+        RetrievalEvalDataset(config["test_file"], test_t, root, **_eval_vc(vc)),
     )
 
 
@@ -106,7 +113,7 @@ def _vqa(config: dict, res: int, vc: dict, data_dir: str | None) -> tuple[Datase
     return (
         VQADataset(config["train_file"], _train_transform("train", config, res), *roots, split="train", **vc),
         VQADataset(config["test_file"], build_transform("test", res), *roots, split="test",
-                   answer_list=config["answer_list"], **vc),
+                   answer_list=config["answer_list"], **_eval_vc(vc)),
     )
 
 
@@ -116,8 +123,8 @@ def _three_splits(cls: type) -> Callable[..., tuple[Dataset, ...]]:
         root, test_t = config["image_root"], build_transform("test", res)
         return (
             cls(config["train_file"], _train_transform("train", config, res), root, **vc),
-            cls(config["val_file"], test_t, root, **vc),
-            cls(config["test_file"], test_t, root, **vc),
+            cls(config["val_file"], test_t, root, **_eval_vc(vc)),
+            cls(config["test_file"], test_t, root, **_eval_vc(vc)),
         )
     return build
 
@@ -126,7 +133,7 @@ def _grounding(config: dict, res: int, vc: dict, data_dir: str | None) -> tuple[
     root = config["image_root"]
     return (
         GroundingDataset(config["train_file"], _train_transform("grounding_train", config, res), root, mode="train", **vc),
-        GroundingDataset(config["test_file"], build_transform("test", res), root, mode="test", **vc),
+        GroundingDataset(config["test_file"], build_transform("test", res), root, mode="test", **_eval_vc(vc)),
     )
 
 

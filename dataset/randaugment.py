@@ -6,6 +6,7 @@ use NumPy's global generator, as the original does; PyTorch seeds it per DataLoa
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Sequence
 
 import cv2
@@ -34,19 +35,21 @@ def _per_channel_lut(img: np.ndarray, make_table: Callable[[np.ndarray], np.ndar
     return out
 
 
-def autocontrast(img: np.ndarray) -> np.ndarray:
-    """Stretch each channel linearly so that its min maps to 0 and its max to 255 (cutoff 0).
+def autocontrast(img: np.ndarray, upstream_wrap: bool = True) -> np.ndarray:
+    """Per-channel linear stretch (cutoff 0), by default exactly as the original computes it.
 
-    This is the formula of the spec. The upstream code negates the channel minimum as a NumPy
-    uint8 scalar (`-low` wraps to 256 - low), so there every channel whose minimum is above 0
-    comes out as all 255; channels with minimum 0 agree with this function.
+    The intended stretch maps each channel's min to 0 and max to 255 (the spec's formula,
+    ``upstream_wrap=False``, config ``fix_autocontrast: true``). The original negates the channel
+    minimum as a NumPy uint8 scalar, so ``-low`` wraps to ``256 - low`` and every channel whose
+    minimum is above 0 comes out all 255; channels with minimum 0 are stretched as intended.
     """
     def table(ch: np.ndarray) -> np.ndarray | None:
         low, high = int(ch.min()), int(ch.max())
         if high <= low:
             return None
         scale = 255.0 / (high - low)
-        return np.clip(np.arange(256) * scale - low * scale, 0, 255).astype(np.uint8)
+        negated_low = (-low) % 256 if upstream_wrap else -low
+        return np.clip(np.arange(256) * scale + negated_low * scale, 0, 255).astype(np.uint8)
 
     return _per_channel_lut(img, table)
 
@@ -159,7 +162,8 @@ class RandomAugment:
     which `torchvision.transforms.ToTensor` accepts.
     """
 
-    def __init__(self, N: int = 2, M: int = 7, isPIL: bool = True, augs: Sequence[str] = DEFAULT_AUGS) -> None:
+    def __init__(self, N: int = 2, M: int = 7, isPIL: bool = True, augs: Sequence[str] = DEFAULT_AUGS,
+                 fix_autocontrast: bool = False) -> None:
         unknown = [name for name in augs if name not in OPS]
         if unknown:
             raise ValueError(f"unknown RandAugment ops {unknown}; known: {sorted(OPS)}")
@@ -167,6 +171,9 @@ class RandomAugment:
         self.M = M
         self.isPIL = isPIL
         self.augs = list(augs)
+        self.fix_autocontrast = fix_autocontrast
+        # partial of a module-level function: picklable for DataLoader workers
+        self.ops = {**OPS, "AutoContrast": partial(autocontrast, upstream_wrap=not fix_autocontrast)}
 
     def __call__(self, img: Image.Image | np.ndarray) -> np.ndarray:
         if self.isPIL:
@@ -174,8 +181,8 @@ class RandomAugment:
         for name in np.random.choice(self.augs, self.N):
             if np.random.random() > 0.5:
                 continue
-            img = OPS[name](img, *level_to_args(name, self.M))
+            img = self.ops[name](img, *level_to_args(name, self.M))
         return img
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(N={self.N}, M={self.M}, augs={self.augs})"
+        return f"{type(self).__name__}(N={self.N}, M={self.M}, augs={self.augs}, fix_autocontrast={self.fix_autocontrast})"

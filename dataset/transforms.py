@@ -16,7 +16,7 @@ TRANSFORM_KINDS = ("pretrain", "train", "grounding_train", "test")
 
 
 def build_transform(kind: str, image_res: int, crop_min_scale: Optional[float] = None,
-                    horizontal_flip: bool = True) -> transforms.Compose:
+                    horizontal_flip: bool = True, fix_autocontrast: bool = False) -> transforms.Compose:
     """Return the torchvision pipeline `kind` at resolution `image_res` (picklable for workers).
 
     pretrain / train: RandomResizedCrop (scale 0.2-1 / 0.5-1) + flip + RandAugment(2, 7);
@@ -25,6 +25,8 @@ def build_transform(kind: str, image_res: int, crop_min_scale: Optional[float] =
     `crop_min_scale` replaces the crop's smallest area fraction and `horizontal_flip=False` drops the
     flip (config keys of the same names; the defaults are the original's). Crops that cut objects
     out and flips that swap left and right make texts that name objects or sides false.
+    `fix_autocontrast=True` gives RandAugment's AutoContrast the intended stretch instead of the
+    original's (which whitens every channel whose minimum is above 0; see randaugment.autocontrast).
     """
     bicubic = InterpolationMode.BICUBIC
     if crop_min_scale is not None and not 0.0 < crop_min_scale <= 1.0:
@@ -35,13 +37,13 @@ def build_transform(kind: str, image_res: int, crop_min_scale: Optional[float] =
         steps = [
             transforms.RandomResizedCrop(image_res, scale=(low, 1.0), interpolation=bicubic),
             *flip,
-            RandomAugment(2, 7, isPIL=True),
+            RandomAugment(2, 7, isPIL=True, fix_autocontrast=fix_autocontrast),
         ]
     elif kind == "grounding_train":
         steps = [
             transforms.Resize((image_res, image_res), interpolation=bicubic),
             *flip,
-            RandomAugment(2, 7, isPIL=True),
+            RandomAugment(2, 7, isPIL=True, fix_autocontrast=fix_autocontrast),
         ]
     elif kind == "test":
         steps = [transforms.Resize((image_res, image_res), interpolation=bicubic)]

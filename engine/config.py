@@ -131,6 +131,7 @@ _TOP: dict[str, _Key] = {
     "fix_vqa_distill_alpha": _Key("bool", False, "VQA: pass alpha to the decoder so distillation acts"),
     "fix_vqa_rank_double_count": _Key("bool", False, "VQA: count the first answer token once in re-ranking"),
     "fix_nlvr_teacher": _Key("bool", False, "NLVR: teacher uses visual_encoder_m; copy params after loading"),
+    "fix_autocontrast": _Key("bool", False, "RandAugment AutoContrast stretches min..max (original: channels with min > 0 turn white)"),
     "mae_cls_pos_embed": _Key("bool", False, "MAE: add the [CLS] position embedding (as official MAE)"),
     "mask_vc_padding": _Key("bool", False, "mask padded VC tokens in ViT self- and fusion cross-attention"),
     # ---- additions: training options (default = original) ----
@@ -250,11 +251,24 @@ def _type_message(path: str, kind: str, value: Any, source: str) -> str:
     return message
 
 
+# Keys the original reads but whose other values select code that no released (VC) model has: accepted at
+# the original's value, refused otherwise, so a set switch never silently does nothing.
+ORIGINAL_VALUE_ONLY: dict[str, str] = {
+    "clip_vit": "it skips the position-embedding resize for CLIP image encoders, which no VC model uses",
+    "kw_model": "it calls model.initialize(state_dict), which no released model defines",
+    "model_mae": "it selects the non-VC MAE pretraining model, which this codebase does not include",
+    "return_attention": "only the non-VC models read it",
+}
+
+
 def _check_entry(path: str, table: dict[str, _Key], name: str, value: Any, source: str) -> list[str]:
     """Errors for one key of a key table (recursing into nested blocks)."""
     key = table[name]
     if not _type_ok(key.kind, value):
         return [_type_message(path, key.kind, value, source)]
+    if table is _TOP and name in ORIGINAL_VALUE_ONLY and value is not None and value != key.default:
+        return [f"config key '{path}'{_where(source)} = {value!r} is not supported (only {key.default!r}): "
+                f"{ORIGINAL_VALUE_ONLY[name]}"]
     if key.kind == "block" and value is not None:
         return _check_table(value, _BLOCKS[name], source, prefix=f"{path}.")
     return []

@@ -235,10 +235,11 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
     start_epoch, state = load_initial_weights(task, args, config, model, optimizer, scheduler)
     model_without_ddp = model
     if args.distributed:
+        utils.broadcast_buffers(model)  # e.g. the random initial queues: rank 0's everywhere
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None,
             find_unused_parameters=task.find_unused_parameters,
-            broadcast_buffers=False,  # queues are identical on every rank (gathered writes)
+            broadcast_buffers=False,  # once above; afterwards the queues stay equal (gathered writes)
         )
 
     train_step = None if getattr(args, "evaluate", False) else build_train_step(task, model, optimizer, config, device)

@@ -220,6 +220,15 @@ def test_overrides_reject_unknown_keys_and_bad_values() -> None:
         apply_overrides(config, ["image_res.x=1"])
 
 
+def test_switches_of_code_the_vc_models_lack_are_refused_unless_at_the_original_value() -> None:
+    config = load_config(CONFIG_DIR / "Retrieval_coco.yaml")
+    validate_config({**config, "clip_vit": False, "kw_model": None})  # the original's values pass
+    with pytest.raises(ValueError, match=r"'clip_vit' in Retrieval_coco.yaml = True is not supported.*CLIP"):
+        validate_config({**config, "clip_vit": True}, source="Retrieval_coco.yaml")
+    with pytest.raises(ValueError, match=r"'kw_model'.*initialize"):
+        apply_overrides(config, ["kw_model=true"])
+
+
 def test_save_config_round_trips(tmp_path: Path) -> None:
     config = load_config(CONFIG_DIR / "Pretrain.yaml")
     config["optimizer"]["opt_betas"] = (0.9, 0.98)  # tuples are written as lists

@@ -95,15 +95,45 @@ def test_brightness_lookup():
     np.testing.assert_array_equal(out, [[[0, 136, 204], [254, 255, 255]]])
 
 
-def test_autocontrast_stretches_each_channel():
+def test_autocontrast_fixed_stretches_each_channel():
     img = np.zeros((2, 2, 3), dtype=np.uint8)
     img[..., 0] = [[50, 100], [150, 150]]
     img[..., 1] = 77  # flat channel is left alone
     img[..., 2] = [[0, 255], [10, 20]]
-    out = ra.autocontrast(img)
+    out = ra.autocontrast(img, upstream_wrap=False)
     np.testing.assert_array_equal(out[..., 0], [[0, 127], [255, 255]])
     np.testing.assert_array_equal(out[..., 1], img[..., 1])
     np.testing.assert_array_equal(out[..., 2], img[..., 2])
+
+
+def test_autocontrast_default_reproduces_the_uint8_negation_of_the_original():
+    img = _random_image(4)
+    img[..., 2] = np.clip(img[..., 2], 0, 200)
+    img[0, 0, 2] = 0  # channel 2 has minimum 0: stretched as intended
+    img[..., 0] = np.clip(img[..., 0], 30, 220)  # minimum above 0
+    out = ra.autocontrast(img)
+
+    def original_channel(ch: np.ndarray) -> np.ndarray:  # the original's arithmetic on NumPy scalars
+        high, low = ch.max(), ch.min()
+        scale = 255 / (high - low)
+        with np.errstate(over="ignore"):
+            offset = -low * scale  # -low: uint8 negation, wraps to 256 - low
+        table = np.clip(np.arange(256) * scale + offset, 0, 255).astype(np.uint8)
+        return table[ch]
+
+    for c in range(3):
+        np.testing.assert_array_equal(out[..., c], original_channel(img[..., c]))
+    assert (out[..., 0] == 255).all() and out[..., 2].max() >= 254 and out[..., 2].min() == 0
+    np.testing.assert_array_equal(out[..., 2], ra.autocontrast(img, upstream_wrap=False)[..., 2])
+
+
+def test_fix_autocontrast_reaches_the_training_transform():
+    augment = build_transform("train", 8, fix_autocontrast=True).transforms[2]
+    assert isinstance(augment, ra.RandomAugment) and augment.fix_autocontrast
+    img = _random_image(5)
+    img[..., 0] = np.clip(img[..., 0], 30, 220)
+    np.testing.assert_array_equal(augment.ops["AutoContrast"](img), ra.autocontrast(img, upstream_wrap=False))
+    assert not build_transform("train", 8).transforms[2].fix_autocontrast
 
 
 def test_sharpness_interior_blend_and_border():
@@ -335,8 +365,10 @@ def test_ve_dataset(demo):
     assert isinstance(train, VEDataset) and len(train) == 9 and len(val) == len(test) == 9
     labels = {train.ann[i]["label"]: train[i][2] for i in range(3)}
     assert labels == {"entailment": 2, "neutral": 1, "contradiction": 0}
+    assert len(train[0][1][1].split(" ")) == 4  # randkw_p: int(0.3 * 15) concepts in training
     image, (sentence, vc), label = val[0]
-    assert _is_image(image) and isinstance(sentence, str) and len(vc.split(" ")) == 4
+    # Evaluation keeps every concept (the original passes randkw_p to the training datasets only).
+    assert _is_image(image) and isinstance(sentence, str) and vc.split(" ") == val.ann[0]["kwords"]
 
 
 def test_nlvr_dataset(demo):

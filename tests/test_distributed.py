@@ -73,6 +73,10 @@ def _worker(rank: int, port: int, tokenizer_dir: str, out_dir: str, fix_offset: 
     args = utils.AttrDict(device="cpu", dist_url="env://", world_size=2)
     utils.init_distributed_mode(args)
     model, tokenizer = _build(tokenizer_dir, fix_offset)
+    if rank == 1:  # ranks seed differently: the trainer's broadcast must give every rank rank 0's queues
+        model.image_queue.copy_(F.normalize(torch.randn_like(model.image_queue), dim=0))
+        model.text_queue.copy_(F.normalize(torch.randn_like(model.text_queue), dim=0))
+    utils.broadcast_buffers(model)
     half = GLOBAL_BATCH // 2
     result = _step(model, tokenizer, slice(rank * half, (rank + 1) * half))
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -89,7 +93,8 @@ def test_two_processes_equal_one_process_on_the_global_batch(demo_data, tmp_path
     ranks = _run_two_processes(demo_data, str(tmp_path), fix_offset=True)
     model, tokenizer = _build(os.path.join(demo_data, "tokenizer"), fix_offset=True)
     single = _step(model, tokenizer, slice(0, GLOBAL_BATCH))
-    for result in ranks:  # all-gathered writes in rank order == the single process's batch order
+    # rank 0's initial queues everywhere, then all-gathered writes in rank order == the single process's order
+    for result in ranks:
         torch.testing.assert_close(result["image_queue"], single["image_queue"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(result["text_queue"], single["text_queue"], atol=1e-5, rtol=1e-5)
         assert result["ptr"] == single["ptr"] == GLOBAL_BATCH
