@@ -17,7 +17,8 @@ from torch import nn
 
 __all__ = ["create_optimizer", "param_groups_weight_decay", "SUPPORTED_OPTIMIZERS"]
 
-SUPPORTED_OPTIMIZERS = ("sgd", "nesterov", "momentum", "adam", "adamw")
+SUPPORTED_OPTIMIZERS = ("sgd", "nesterov", "momentum", "adam", "adamw", "adadelta", "rmsprop")
+_FUSED_KERNELS = ("sgd", "nesterov", "momentum", "adam", "adamw")  # the others have foreach kernels only
 
 
 def _read(cfg: Any, name: str, default: Any = None) -> Any:
@@ -53,15 +54,18 @@ def _kernel_kwargs(fused: bool | None, params: list[torch.Tensor]) -> dict[str, 
 def create_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     """Build the optimizer from the ``optimizer`` block (a dict, AttrDict or namespace).
 
-    Keys: ``opt`` (sgd | nesterov | momentum | adam | adamw, case-insensitive), ``lr``, ``weight_decay``,
-    optional ``opt_eps``, ``opt_betas``, ``opt_args`` (extra keyword arguments), ``momentum`` (SGD) and
-    ``fused`` (None = automatic). Decay is carried by the param groups, so the optimizer-level default
-    is 0. With ``weight_decay`` 0 all trainable parameters form one group.
+    Keys: ``opt`` (sgd | nesterov | momentum | adam | adamw | adadelta | rmsprop, case-insensitive; a
+    ``lookahead_`` prefix wraps it in timm's Lookahead, as the original), ``lr``, ``weight_decay``,
+    optional ``opt_eps``, ``opt_betas``, ``opt_args`` (extra keyword arguments), ``momentum`` (SGD,
+    RMSprop) and ``fused`` (None = automatic). Decay is carried by the param groups, so the
+    optimizer-level default is 0. With ``weight_decay`` 0 all trainable parameters form one group.
     """
-    name = str(_read(cfg, "opt", "")).lower()
-    if name not in SUPPORTED_OPTIMIZERS:
+    pieces = str(_read(cfg, "opt", "")).lower().split("_")
+    name, lookahead = pieces[-1], pieces[:-1] == ["lookahead"]
+    if name not in SUPPORTED_OPTIMIZERS or (len(pieces) > 1 and not lookahead):
         choices = ", ".join(SUPPORTED_OPTIMIZERS)
-        raise ValueError(f"optimizer.opt {_read(cfg, 'opt')!r} is not supported; choose one of {choices}")
+        raise ValueError(f"optimizer.opt {_read(cfg, 'opt')!r} is not supported; choose one of {choices}, "
+                         "optionally prefixed by lookahead_")
     lr = _read(cfg, "lr")
     if lr is None:
         raise ValueError("optimizer.lr is required")
@@ -75,16 +79,29 @@ def create_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
         groups = params = [p for p in model.parameters() if p.requires_grad]
 
     kwargs: dict[str, Any] = {"lr": lr, "weight_decay": 0.0}
-    kwargs.update(_kernel_kwargs(_read(cfg, "fused"), params))
+    kernel = _kernel_kwargs(_read(cfg, "fused"), params)
+    if name not in _FUSED_KERNELS and "fused" in kernel:  # no fused kernel: multi-tensor unless forced off
+        kernel = {"foreach": kernel["fused"]}
+    kwargs.update(kernel)
+    if _read(cfg, "opt_eps") is not None and name not in ("sgd", "nesterov", "momentum"):
+        kwargs["eps"] = _read(cfg, "opt_eps")  # else each optimizer's own default (1e-8; Adadelta 1e-6)
     if name in ("adam", "adamw"):
-        kwargs["eps"] = _read(cfg, "opt_eps", 1e-8)
         kwargs["betas"] = tuple(_read(cfg, "opt_betas", (0.9, 0.999)))
     kwargs.update(_read(cfg, "opt_args", {}))
+    momentum = _read(cfg, "momentum", 0.9)
 
     if name == "adamw":
-        return torch.optim.AdamW(groups, **kwargs)
-    if name == "adam":
-        return torch.optim.Adam(groups, **kwargs)
-    kwargs.pop("eps", None)
-    momentum = _read(cfg, "momentum", 0.9)
-    return torch.optim.SGD(groups, momentum=momentum, nesterov=name in ("sgd", "nesterov"), **kwargs)
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, **kwargs)
+    elif name == "adam":
+        optimizer = torch.optim.Adam(groups, **kwargs)
+    elif name == "adadelta":
+        optimizer = torch.optim.Adadelta(groups, **kwargs)
+    elif name == "rmsprop":
+        optimizer = torch.optim.RMSprop(groups, alpha=0.9, momentum=momentum, **kwargs)
+    else:
+        optimizer = torch.optim.SGD(groups, momentum=momentum, nesterov=name in ("sgd", "nesterov"), **kwargs)
+    if lookahead:
+        from timm.optim import Lookahead
+
+        optimizer = Lookahead(optimizer)
+    return optimizer

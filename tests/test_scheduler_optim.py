@@ -218,8 +218,24 @@ def test_optimizer_variants_and_options() -> None:
     assert auto.defaults["foreach"] is True and not auto.defaults["fused"]
     forced = create_optimizer({"opt": "adamw", "lr": 0.1, "weight_decay": 0.02, "fused": False}, model)
     assert not forced.defaults["fused"]
-    with pytest.raises(ValueError, match="lamb"):
-        create_optimizer({"opt": "lamb", "lr": 0.1}, model)
+    rmsprop = create_optimizer({"opt": "RMSprop", "lr": 0.1, "weight_decay": 1e-4, "momentum": 0.5}, model)
+    assert isinstance(rmsprop, torch.optim.RMSprop) and rmsprop.defaults["alpha"] == 0.9
+    assert rmsprop.defaults["momentum"] == 0.5 and rmsprop.defaults["foreach"] is True
+    adadelta = create_optimizer({"opt": "adadelta", "lr": 1.0, "weight_decay": 0.0, "fused": False}, model)
+    assert isinstance(adadelta, torch.optim.Adadelta) and adadelta.defaults["eps"] == 1e-6
+    assert adadelta.defaults["foreach"] is False
+    wrapped = create_optimizer({"opt": "lookahead_adamw", "lr": 0.1, "weight_decay": 0.02}, model)
+    from timm.optim import Lookahead
+
+    assert isinstance(wrapped, Lookahead) and wrapped.defaults["lookahead_k"] == 6
+    assert len(wrapped.param_groups) == 2 and wrapped.param_groups[1]["weight_decay"] == 0.02
+    before = model.linear.weight.detach().clone()
+    model.linear(torch.randn(3, 4)).sum().backward()
+    wrapped.step()
+    assert not torch.equal(before, model.linear.weight)
+    for bad in ("lamb", "fancy_adamw"):
+        with pytest.raises(ValueError, match=bad):
+            create_optimizer({"opt": bad, "lr": 0.1}, model)
 
 
 def test_optimizer_steps_and_state_dict_loads() -> None:
