@@ -185,4 +185,5 @@ class RandomAugment:
         return img
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(N={self.N}, M={self.M}, augs={self.augs}, fix_autocontrast={self.fix_autocontrast})"
+        return (f"{type(self).__name__}(N={self.N}, M={self.M}, augs={self.augs}, "
+                f"fix_autocontrast={self.fix_autocontrast})")

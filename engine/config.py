@@ -131,7 +131,8 @@ _TOP: dict[str, _Key] = {
     "fix_vqa_distill_alpha": _Key("bool", False, "VQA: pass alpha to the decoder so distillation acts"),
     "fix_vqa_rank_double_count": _Key("bool", False, "VQA: count the first answer token once in re-ranking"),
     "fix_nlvr_teacher": _Key("bool", False, "NLVR: teacher uses visual_encoder_m; copy params after loading"),
-    "fix_autocontrast": _Key("bool", False, "RandAugment AutoContrast stretches min..max (original: channels with min > 0 turn white)"),
+    "fix_autocontrast": _Key("bool", False,
+                             "RandAugment AutoContrast stretches min..max (original: channels with min > 0 turn white)"),
     "mae_cls_pos_embed": _Key("bool", False, "MAE: add the [CLS] position embedding (as official MAE)"),
     "mask_vc_padding": _Key("bool", False, "mask padded VC tokens in ViT self- and fusion cross-attention"),
     # ---- additions: training options (default = original) ----
