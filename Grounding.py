@@ -18,9 +18,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = build_parser(__doc__.splitlines()[0], config="./configs/Grounding.yaml", output_dir="output/RefCOCO",
                           data_json_dir=f"{DEMO_DATA_DIR}/json")
     parser.add_argument("--gradcam_mode", default="itm", choices=["itm", "itc"],
-                        help="Grad-CAM of the ITM score on a fusion layer's cross-attention, or of the ITC similarity on a ViT block's self-attention")
+                        help="Grad-CAM of the ITM score on a fusion layer's cross-attention, or of the ITC "
+                             "similarity on a ViT block's self-attention")
     parser.add_argument("--block_num", default=None, type=int,
-                        help="itm: text layer whose cross-attention gives the Grad-CAM; itc: ViT block (default: config block_num, else 8)")
+                        help="itm: text layer whose cross-attention gives the Grad-CAM; itc: ViT block "
+                             "(default: config block_num, else 8)")
     args, config = parse_and_load(parser, argv)
     return run(GroundingTask(args.gradcam_mode, args.block_num), args, config)
 
