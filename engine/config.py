@@ -152,7 +152,8 @@ _TOP: dict[str, _Key] = {
     "num_workers": _Key("int", 4, "DataLoader worker processes"),
     "print_freq": _Key("int", 50, "iterations between console log lines"),
     "eval_batch_size_text": _Key("int", 64, "Retrieval evaluation: texts per encoder batch"),
-    "block_num": _Key("int", None, "Grounding: text layer whose cross-attention gives Grad-CAM (--block_num wins; None = 8)"),
+    "block_num": _Key("int", None, "Grounding Grad-CAM layer: itm = text layer (cross-attention), itc = ViT block "
+                      "(--block_num wins; None = 8)"),
     "cuda_graph": _Key("bool", False, "Pretrain on one CUDA GPU: capture the training step in a CUDA graph "
                        "and replay it (no per-kernel launch cost; captions padded to 25 tokens)"),
     "mlm_mask_draws": _Key("str", None, "MLM masks drawn on 'cpu' (original stream) or 'device' "

@@ -268,3 +268,18 @@ def test_get_option() -> None:
         get_option({}, "image_res")
     with pytest.raises(KeyError, match="image_ress"):
         get_option({}, "image_ress")
+
+
+def test_boolean_flags_accept_the_original_spelling_and_mean_what_they_say(capsys) -> None:
+    from engine.cli import build_parser
+
+    parser = build_parser("test", config="c.yaml", output_dir="out", data_json_dir="json")
+    parsed = {tuple(argv): parser.parse_args(argv) for argv in
+              (["--resume"], ["--resume", "True"], ["--resume", "False"], ["--no-resume"], [],
+               ["--resume", "--evaluate"], ["--bf16", "false"])}
+    assert [args.resume for args in parsed.values()] == [True, True, False, False, False, True, False]
+    assert parsed[("--resume", "--evaluate")].evaluate and parsed[("--bf16", "false")].bf16 is False
+    assert parsed[()].bf16 is None  # unset: the config decides
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--resume", "maybe"])
+    assert "--resume takes true or false, not 'maybe'" in capsys.readouterr().err
