@@ -27,7 +27,7 @@ TASKS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 
 # task -> {metric: lowest accepted value}. Demo results on 2 CPU cores (docs/DESIGN.md, Known gaps):
-# retrieval R@1 66.0 / 74.8, VE 0.76 / 0.84, VQA 40.9, NLVR 0.79-0.80 / 0.77-0.86, grounding 0.58-0.59.
+# retrieval R@1 64.0 / 73.2, VE 0.77 / 0.83, VQA 45.0, NLVR 0.79-0.83 / 0.77-0.86, grounding 0.60-0.61.
 FLOORS: dict[str, dict[str, float]] = {
     "retrieval": {"test_txt_r1": 30.0, "test_img_r1": 30.0},  # chance 2.0
     "ve": {"val_acc": 0.6, "test_acc": 0.6},  # chance 1/3

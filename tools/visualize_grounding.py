@@ -27,7 +27,7 @@ from dataset import GroundingDataset, build_transform, load_image, load_json, re
 from dataset.base import join_root  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.retrieval_eval import VC_LENGTH  # noqa: E402
-from engine.tasks.grounding import (DEFAULT_BLOCK_NUM, RefReader, compute_iou, gradcam_maps, select_box,  # noqa: E402
+from engine.tasks.grounding import (DEFAULT_BLOCK_NUM, GRADCAM_MODES, RefReader, compute_iou, select_box,  # noqa: E402
                                     upsample_heatmap)
 from models import MODEL_BUILDERS  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
@@ -77,6 +77,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--text_encoder", default="bert-base-uncased", help="tokenizer vocabulary")
     parser.add_argument("--ref_id", type=int, required=True, help="referring expression to show")
     parser.add_argument("--text", default=None, help="phrase to ground instead of the expression of --ref_id")
+    parser.add_argument("--gradcam_mode", default="itm", choices=sorted(GRADCAM_MODES),
+                        help="itm: ITM score on a text layer's cross-attention; itc: ITC similarity on a ViT block")
     parser.add_argument("--block_num", type=int, default=None, help="Grad-CAM layer (default: config, else 8)")
     parser.add_argument("--scale", type=int, default=None, help="upscaling of small images (default: to >= 384 px)")
     parser.add_argument("--out", default="grounding.png")
@@ -98,8 +100,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     text = args.text if args.text is not None else text
     vc = tokenizer([vc_string], padding="max_length", truncation=True, max_length=VC_LENGTH).to(device)
     phrase = tokenizer([text], padding="longest", truncation=False).to(device)
-    block_num = args.block_num if args.block_num is not None else (config.get("block_num") or DEFAULT_BLOCK_NUM)
-    cam = gradcam_maps(model, image[None].to(device), vc, phrase, block_num)[0].cpu()
+    block_num = args.block_num if args.block_num is not None else config.get("block_num")
+    block_num = DEFAULT_BLOCK_NUM if block_num is None else block_num
+    cam = GRADCAM_MODES[args.gradcam_mode](model, image[None].to(device), vc, phrase, block_num)[0].cpu()
 
     refer = RefReader(config["refcoco_data"])
     record = refer.image(args.ref_id)
