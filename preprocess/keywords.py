@@ -14,11 +14,12 @@ merged counts and their order do not depend on the shard size or the number of w
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from tqdm import tqdm
 
@@ -197,6 +198,19 @@ def _init_worker(tagger: Any) -> None:
     _WORKER_TAGGER = tagger
 
 
+@contextlib.contextmanager
+def _batch_mapper(tagger: Any, workers: int) -> Iterator[Callable[[Callable, List[List[Text]]], Iterable]]:
+    """`map_batches(fn, pieces)`, in order: in `workers` processes that each hold the tagger, or here."""
+    if workers <= 1:
+        yield lambda fn, pieces: (fn(piece, tagger) for piece in pieces)
+        return
+    pool = multiprocessing.get_context().Pool(workers, _init_worker, (tagger,))
+    try:
+        yield pool.imap
+    finally:
+        pool.terminate()
+
+
 def _count_batch(texts: List[Text], tagger: Any = None) -> Tuple[Dict[str, int], int]:
     """Occurrences of each concept in `texts` (first-occurrence order) and records skipped."""
     tagger = tagger if tagger is not None else _WORKER_TAGGER
@@ -220,19 +234,12 @@ def _title_batch(texts: List[Text], tagger: Any = None) -> List[Optional[str]]:
 def make_titles(texts: Sequence[Text], tagger: Any, *, workers: int = 1, batch: int = 500) -> List[Optional[str]]:
     """`make_title` of every record's caption field, in order, in `workers` processes."""
     pieces = [list(texts[i:i + batch]) for i in range(0, len(texts), batch)]
-    pool = (multiprocessing.get_context().Pool(workers, _init_worker, (tagger,))
-            if workers > 1 else None)
     titles: List[Optional[str]] = []
-    try:
-        parts: Iterable = (pool.imap(_title_batch, pieces) if pool is not None
-                           else (_title_batch(p, tagger) for p in pieces))
-        with tqdm(total=len(texts), desc='titling captions', unit='rec') as bar:
-            for part in parts:
-                titles.extend(part)
-                bar.update(len(part))
-    finally:
-        if pool is not None:
-            pool.terminate()
+    with _batch_mapper(tagger, workers) as map_batches, \
+            tqdm(total=len(texts), desc='titling captions', unit='rec') as bar:
+        for part in map_batches(_title_batch, pieces):
+            titles.extend(part)
+            bar.update(len(part))
     return titles
 
 
@@ -260,29 +267,22 @@ def count_concepts(texts: Sequence[Text], tagger: Any, *, workers: int = 1,
         spans = [job.bounds(s) for s in todo]
     else:
         job, todo, spans, initial = None, [0], [(0, len(texts))], 0
-    pool = (multiprocessing.get_context().Pool(workers, _init_worker, (tagger,))
-            if workers > 1 else None)
     results: Dict[int, Tuple[Dict[str, int], int]] = {}
-    try:
-        with tqdm(total=len(texts), initial=initial, desc='tagging captions', unit='rec') as bar:
-            for shard, (start, end) in zip(todo, spans):
-                pieces = [list(texts[i:min(i + batch, end)]) for i in range(start, end, batch)]
-                parts: Iterable = (pool.imap(_count_batch, pieces) if pool is not None
-                                   else (_count_batch(p, tagger) for p in pieces))
-                occurrences: Dict[str, int] = {}
-                skipped = 0
-                for piece, (occ, skip) in zip(pieces, parts):
-                    _merge(occurrences, occ)
-                    skipped += skip
-                    bar.update(len(piece))
-                if job is not None:
-                    job.save(shard, {'concepts': list(occurrences),
-                                     'occurrences': list(occurrences.values()),
-                                     'skipped': skipped})
-                results[shard] = (occurrences, skipped)
-    finally:
-        if pool is not None:
-            pool.terminate()
+    with _batch_mapper(tagger, workers) as map_batches, \
+            tqdm(total=len(texts), initial=initial, desc='tagging captions', unit='rec') as bar:
+        for shard, (start, end) in zip(todo, spans):
+            pieces = [list(texts[i:min(i + batch, end)]) for i in range(start, end, batch)]
+            occurrences: Dict[str, int] = {}
+            skipped = 0
+            for piece, (occ, skip) in zip(pieces, map_batches(_count_batch, pieces)):
+                _merge(occurrences, occ)
+                skipped += skip
+                bar.update(len(piece))
+            if job is not None:
+                job.save(shard, {'concepts': list(occurrences),
+                                 'occurrences': list(occurrences.values()),
+                                 'skipped': skipped})
+            results[shard] = (occurrences, skipped)
     if job is not None:
         for shard in job.done:
             if shard not in results:

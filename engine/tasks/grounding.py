@@ -337,8 +337,7 @@ class GroundingTask(RetrievalTask):
                  device: torch.device) -> dict:
         model.eval()
         block_num = self.resolve_block_num(config)
-        gradcam = GRADCAM_MODES[self.gradcam_mode]
-        (check_block_num if self.gradcam_mode == "itm" else check_vit_block_num)(model, block_num)
+        gradcam = GRADCAM_MODES[self.gradcam_mode]  # checks block_num against the model at its first call
         bf16 = bool(config.get("bf16", False))
         results: list[dict] = []
         logger = utils.MetricLogger(delimiter="  ")
