@@ -12,7 +12,7 @@ import argparse
 from typing import List, Optional
 
 from preprocess import keywords
-from preprocess.cli import add_output_args, run
+from preprocess.cli import add_output_args, add_tagger_args, run
 from preprocess.files import atomic_write_json, read_annotations, refuse_existing
 
 
@@ -22,10 +22,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     add_output_args(p, 'the same records, each with a "title"')
     p.add_argument('--text_field', default='caption',
                    help='record field holding the caption (a string or a list: the first is used)')
-    p.add_argument('--tagger', default=None,
-                   help="directory with a tagger saved by preprocess.keywords.save_tagger "
-                        "(default: NLTK's averaged_perceptron_tagger_eng)")
-    p.add_argument('--workers', type=int, default=1, help='tagging processes')
+    add_tagger_args(p)
     return p.parse_args(argv)
 
 

@@ -12,7 +12,7 @@ import shutil
 from typing import List, Optional
 
 from preprocess import keywords
-from preprocess.cli import add_output_args, add_shard_args, read_many, run
+from preprocess.cli import add_output_args, add_shard_args, add_tagger_args, read_many, run
 from preprocess.files import atomic_write_json, refuse_existing
 
 
@@ -31,10 +31,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help='instead of --thresh, keep the N most frequent concepts')
     p.add_argument('--counts_output', default=None,
                    help='also write the full {concept: count} dict (original counting rule)')
-    p.add_argument('--tagger', default=None,
-                   help="directory with a tagger saved by preprocess.keywords.save_tagger "
-                        "(default: NLTK's averaged_perceptron_tagger_eng)")
-    p.add_argument('--workers', type=int, default=1, help='tagging processes')
+    add_tagger_args(p)
     add_shard_args(p, 100000)
     return p.parse_args(argv)
 

@@ -25,6 +25,14 @@ def add_shard_args(parser: argparse.ArgumentParser, default_size: int) -> None:
                         help='stop after this many new shards (time-limited jobs); rerun to go on')
 
 
+def add_tagger_args(parser: argparse.ArgumentParser) -> None:
+    """The POS tagger and the number of tagging processes (steps 1 and 5)."""
+    parser.add_argument('--tagger', default=None,
+                        help="directory with a tagger saved by preprocess.keywords.save_tagger "
+                             "(default: NLTK's averaged_perceptron_tagger_eng)")
+    parser.add_argument('--workers', type=int, default=1, help='tagging processes')
+
+
 def add_compute_args(parser: argparse.ArgumentParser, chunk: int) -> None:
     parser.add_argument('--chunk', type=int, default=chunk,
                         help='records scored at once; bounds memory, not the result')

@@ -27,7 +27,7 @@ from dataset import GroundingDataset, build_transform, load_image, load_json, re
 from dataset.base import join_root  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.retrieval_eval import VC_LENGTH  # noqa: E402
-from engine.tasks.grounding import (DEFAULT_BLOCK_NUM, GRADCAM_MODES, RefReader, compute_iou, select_box,  # noqa: E402
+from engine.tasks.grounding import (GRADCAM_MODES, RefReader, compute_iou, resolve_block_num, select_box,  # noqa: E402
                                     upsample_heatmap)
 from models import MODEL_BUILDERS  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
@@ -100,8 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     text = args.text if args.text is not None else text
     vc = tokenizer([vc_string], padding="max_length", truncation=True, max_length=VC_LENGTH).to(device)
     phrase = tokenizer([text], padding="longest", truncation=False).to(device)
-    block_num = args.block_num if args.block_num is not None else config.get("block_num")
-    block_num = DEFAULT_BLOCK_NUM if block_num is None else block_num
+    block_num = resolve_block_num(args.block_num, config)
     cam = GRADCAM_MODES[args.gradcam_mode](model, image[None].to(device), vc, phrase, block_num)[0].cpu()
 
     refer = RefReader(config["refcoco_data"])

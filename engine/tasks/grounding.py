@@ -289,6 +289,13 @@ class GroundingEvalCollate:
 # Task
 
 
+def resolve_block_num(flag: Optional[int], config: dict) -> int:
+    """--block_num, else the config's ``block_num``, else 8 (the original default)."""
+    if flag is not None:
+        return flag
+    return config["block_num"] if config.get("block_num") is not None else DEFAULT_BLOCK_NUM
+
+
 # --gradcam_mode -> map function: ITM score on a fusion layer's cross-attention (default), or the ITC
 # similarity on a ViT block's self-attention.
 GRADCAM_MODES = {"itm": gradcam_maps, "itc": itc_gradcam_maps}
@@ -327,16 +334,11 @@ class GroundingTask(RetrievalTask):
             [TokenizingCollate(tokenizer, 1, (CAPTION, VISUAL_CONCEPTS)), GroundingEvalCollate(tokenizer)])
         return {"train": train_loader, "test": test_loader}
 
-    def resolve_block_num(self, config: dict) -> int:
-        """--block_num, else the config's ``block_num``, else 8 (the original default)."""
-        if self.block_num is not None:
-            return self.block_num
-        return config["block_num"] if config.get("block_num") is not None else DEFAULT_BLOCK_NUM
 
     def evaluate(self, model: nn.Module, loaders: dict, config: dict, args: Any, epoch: int,
                  device: torch.device) -> dict:
         model.eval()
-        block_num = self.resolve_block_num(config)
+        block_num = resolve_block_num(self.block_num, config)
         gradcam = GRADCAM_MODES[self.gradcam_mode]  # checks block_num against the model at its first call
         bf16 = bool(config.get("bf16", False))
         results: list[dict] = []
