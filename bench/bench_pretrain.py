@@ -76,6 +76,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="project the fusion cross-attention keys/values of the images once per step")
     p.add_argument("--merge_text_passes", action=argparse.BooleanOptionalAction, default=False,
                    help="the config key: one text pass of 2B captions and one fusion pass of 4B texts")
+    p.add_argument("--mlm_logits_on_masked", action=argparse.BooleanOptionalAction, default=True,
+                   help="the config key: the MLM vocabulary heads on the masked rows only (no-: all B x L rows)")
     p.add_argument("--text_length", type=int, default=25, help="caption tokens ([CLS] + 24 pieces, as the original)")
     p.add_argument("--vc_length", type=int, default=55, help="visual-concept tokens per image")
     p.add_argument("--alpha", type=float, default=0.4, help="distillation weight (the value after epoch 0)")
@@ -344,6 +346,7 @@ def run(args: argparse.Namespace) -> dict:
     config["fused_attention"] = args.fused_attention
     config["share_image_keys_values"] = args.share_image_keys_values
     config["merge_text_passes"] = args.merge_text_passes
+    config["mlm_logits_on_masked"] = args.mlm_logits_on_masked
     config["compile"] = args.compile
     batch_size = config["batch_size"]
     if config["queue_size"] % batch_size:
@@ -357,7 +360,7 @@ def run(args: argparse.Namespace) -> dict:
         "vc_length": args.vc_length, "compile": args.compile, "cuda_graph": args.cuda_graph,
         "grad_checkpointing": args.grad_checkpointing, "fused_attention": args.fused_attention,
         "share_image_keys_values": args.share_image_keys_values, "merge_text_passes": args.merge_text_passes,
-        "sdpa_backend": args.sdpa_backend,
+        "mlm_logits_on_masked": args.mlm_logits_on_masked, "sdpa_backend": args.sdpa_backend,
         "steps": args.steps, "warmup": args.warmup,
     }
 

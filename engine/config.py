@@ -149,6 +149,9 @@ _TOP: dict[str, _Key] = {
                               "as one 2B batch and the ITM and MLM texts through the fusion layers as one 4B "
                               "batch, online and momentum (same math per text; dropout and random draw order "
                               "differ; fewer, larger kernels)"),
+    "mlm_logits_on_masked": _Key("bool", True, "Pretrain MLM: vocabulary logits and softmaxes for the masked "
+                                 "positions only, the rows the loss reads (False = all B x L positions, as the "
+                                 "original; same values)"),
     "num_workers": _Key("int", 4, "DataLoader worker processes"),
     "print_freq": _Key("int", 50, "iterations between console log lines"),
     "eval_batch_size_text": _Key("int", 64, "Retrieval evaluation: texts per encoder batch"),

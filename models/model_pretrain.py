@@ -45,6 +45,7 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
         self.vocab_size = bert_config.vocab_size
         self.hierarchical = bool(config.get("return_hidden_state", False))
         self.merge_text_passes = bool(config.get("merge_text_passes", False))
+        self.mlm_logits_on_masked = bool(config.get("mlm_logits_on_masked", True))
 
         self.build_alignment_towers(config, bert_config, "mlm", text_encoder, init_deit,
                                     return_hidden_state=self.hierarchical)
@@ -171,8 +172,7 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
             fused_m = self.text_encoder_m.bert(encoder_embeds=masked_text_m, attention_mask=caption_mask,
                                                encoder_hidden_states=images_m, encoder_attention_mask=image_mask,
                                                mode="fusion").last_hidden_state
-            logits_m = self.text_encoder_m.cls(fused_m)
-        return loss_itm, self.distilled_mlm_loss(self.text_encoder.cls(fused[3 * batch:]), logits_m, mlm_labels, alpha)
+        return loss_itm, self.masked_lm_loss(fused[3 * batch:], fused_m, mlm_labels, alpha)
 
     # ------------------------------------------------------------------------------------------
     def hierarchical_loss(self, image_hidden: tuple, text_hidden: tuple) -> torch.Tensor:
@@ -197,16 +197,36 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
         """Distilled MLM; ``image_states``: the image tokens or their projected ImageKeysValues."""
         input_ids, labels = self.mask_caption(caption)
         with torch.no_grad():
-            logits_m = self.text_encoder_m(input_ids, caption.attention_mask, encoder_hidden_states=image_embeds_m,
-                                           encoder_attention_mask=image_mask, return_logits=True)
-        logits = self.text_encoder(input_ids, caption.attention_mask, encoder_hidden_states=image_states,
-                                   encoder_attention_mask=image_mask, return_logits=True)
-        return self.distilled_mlm_loss(logits, logits_m, labels, alpha)
+            fused_m = self.text_encoder_m.bert(input_ids, caption.attention_mask, encoder_hidden_states=image_embeds_m,
+                                               encoder_attention_mask=image_mask).last_hidden_state
+        fused = self.text_encoder.bert(input_ids, caption.attention_mask, encoder_hidden_states=image_states,
+                                       encoder_attention_mask=image_mask).last_hidden_state
+        return self.masked_lm_loss(fused, fused_m, labels, alpha)
 
-    @staticmethod
-    def distilled_mlm_loss(logits, logits_m, labels, alpha: float) -> torch.Tensor:
-        """MLM cross-entropy mixed with the momentum model's predictions (fp32 soft labels, models.md §3.6)."""
-        return losses.mlm_loss(logits, labels, F.softmax(logits_m, dim=-1, dtype=torch.float32), alpha)
+    def masked_lm_loss(self, fused: torch.Tensor, fused_m: torch.Tensor, labels: torch.Tensor,
+                       alpha: float) -> torch.Tensor:
+        """MLM cross-entropy mixed with the momentum model's predictions (fp32 soft labels, models.md §3.6)
+        from the fusion outputs (B, L, D), online and momentum.
+
+        The loss reads the masked positions only, so with ``mlm_logits_on_masked`` (default) the
+        prediction heads (768 -> 30,522 logits, softmaxes in fp32) run on those rows alone: the same
+        values, about a quarter of the rows (a static bound) or fewer, where the original computes all
+        B x L."""
+        if self.mlm_logits_on_masked:
+            rows = losses.masked_rows(labels, self.mlm_rows_capacity(labels))
+            width = fused.shape[-1]
+            fused, fused_m = fused.reshape(-1, width)[rows], fused_m.reshape(-1, width)[rows]
+            labels = labels.reshape(-1)[rows]
+        with torch.no_grad():
+            soft_labels = F.softmax(self.text_encoder_m.cls(fused_m), dim=-1, dtype=torch.float32)
+        return losses.mlm_loss(self.text_encoder.cls(fused), labels, soft_labels, alpha)
+
+    def mlm_rows_capacity(self, labels: torch.Tensor) -> int | None:
+        """None (exactly the masked rows) on the CPU in eager mode, where counting them costs nothing;
+        a static bound on an accelerator (counting would be a host sync) and inside torch.compile."""
+        if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+            return None
+        return losses.mlm_row_capacity(labels.numel(), self.mlm_probability)
 
     def mae_loss(self, image: torch.Tensor) -> torch.Tensor:
         """Unimodal MAE: encode 25 % of the patches, decode all, regress masked pixels (§3.7)."""

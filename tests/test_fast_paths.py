@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import sys
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from conftest import REPO, compile_with_dynamo_only, demo_config, tiny_pretrain_batch, tiny_pretrain_model
 from engine.cuda_graph import autocast_context
+from models import losses
 from models.backbone import QueueMixin
 from models.xbert import ImageKeysValues, StackedKeysValues, block_rows
 from optim import create_optimizer
@@ -214,6 +216,61 @@ def test_image_keys_values_pick_the_rows_a_pass_attends_to(tokenizer):
     torch.testing.assert_close(values, all_values[[2, 0]])
     with pytest.raises(KeyError, match="layer 0"):
         twice.layer(0)
+
+
+# --- MLM prediction heads on the masked rows only ------------------------------------------------
+
+
+@pytest.mark.parametrize("merge_text_passes, capacity", [(False, "exact"), (False, "static"), (True, "static")],
+                         ids=["separate_exact_rows", "separate_static_rows", "merged_static_rows"])
+def test_mlm_heads_on_masked_rows_give_the_same_losses_and_gradients(tokenizer, monkeypatch, merge_text_passes,
+                                                                    capacity):
+    """mlm_logits_on_masked: the vocabulary heads run on the masked rows (exactly those, or a static
+    number with the masked rows first) instead of all B x L; the loss reads only those rows."""
+    all_rows = tiny_pretrain_model(tokenizer, merge_text_passes=merge_text_passes,
+                                   mlm_logits_on_masked=False)  # train mode: dropout on
+    masked_rows = copy.deepcopy(all_rows)
+    masked_rows.mlm_logits_on_masked = True
+    if capacity == "static":  # what an accelerator or a compiled step uses
+        monkeypatch.setattr(masked_rows, "mlm_rows_capacity",
+                            lambda labels: losses.mlm_row_capacity(labels.numel(), masked_rows.mlm_probability))
+    head_inputs = {}
+    for name, model in (("all", all_rows), ("masked", masked_rows)):
+        shapes = head_inputs[name] = []
+        hook = model.text_encoder.cls.register_forward_hook(lambda _m, args, _o, shapes=shapes:
+                                                            shapes.append(tuple(args[0].shape)))
+        head_inputs[name + "_result"] = terms_and_gradients(model, tiny_pretrain_batch(tokenizer))
+        hook.remove()
+    assert_same_terms_and_gradients(head_inputs["all_result"], head_inputs["masked_result"])
+    (batch, length, width), = head_inputs["all"]  # one online head call; the momentum head runs without hooks
+    (rows, row_width), = head_inputs["masked"]
+    assert batch == 4 and row_width == width
+    if capacity == "static":
+        assert rows == losses.mlm_row_capacity(batch * length, 0.15)
+    else:
+        assert rows < batch * length / 2
+
+
+def test_masked_rows_put_every_masked_position_first_within_the_capacity():
+    labels = torch.full((3, 6), losses.IGNORE_INDEX)
+    labels[0, 2], labels[1, 0], labels[2, 5] = 11, 12, 13
+    assert losses.masked_rows(labels).tolist() == [2, 6, 17]
+    static = losses.masked_rows(labels, capacity=5)
+    assert static[:3].tolist() == [2, 6, 17] and len(static) == 5 and len(set(static.tolist())) == 5
+    assert (labels.reshape(-1)[static[3:]] == losses.IGNORE_INDEX).all()
+    assert losses.masked_rows(labels, capacity=2).tolist() == [2, 6]  # overflow: the surplus is left out
+
+
+@pytest.mark.parametrize("rows, probability, expected", [(1600, 0.15, 407), (100, 0.15, 57), (40, 0.5, 40)])
+def test_mlm_row_capacity_is_the_hoeffding_bound(rows, probability, expected):
+    capacity = losses.mlm_row_capacity(rows, probability)
+    assert capacity == expected
+    if capacity < rows:  # P(Binomial(rows, p) >= capacity) is below 1e-15, exactly computed here
+        log_terms = (math.lgamma(rows + 1) - math.lgamma(k + 1) - math.lgamma(rows - k + 1)
+                     + k * math.log(probability) + (rows - k) * math.log1p(-probability)
+                     for k in range(capacity, rows + 1))
+        tail = sum(math.exp(term) for term in log_terms)
+        assert tail < 1e-15
 
 
 # --- bf16 autocast step vs fp32 step -------------------------------------------------------------
