@@ -15,7 +15,7 @@ from engine.config import load_config
 from models import MODEL_BUILDERS
 from models.backbone import load_pretrained_bert
 from models.tokenization import build_tokenizer
-from models.vit import VisionTransformer, interpolate_pos_embed
+from models.vit import PatchEmbedding, VisionTransformer, interpolate_pos_embed
 from models.xbert import BertConfig, BertForMaskedLM, BertModel
 from tools.state_dict_keys import state_dict_shapes
 
@@ -139,6 +139,30 @@ def test_vit_appends_vc_tokens_after_position_embedding():
     out_perm, _ = vit(image, external_features=vcs.flip(1))
     torch.testing.assert_close(out_perm[:, :17], out[:, :17], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_perm[:, 17:], out[:, 17:].flip(1), atol=1e-5, rtol=1e-5)
+
+
+def test_patch_embedding_as_one_product_equals_the_strided_convolution():
+    """PatchEmbedding computes timm's PatchEmbed (stride-p convolution, flattened row-major) as a
+    matrix product over unfolded patches: same parameter names, initial values, outputs and gradients."""
+    from timm.layers import PatchEmbed
+
+    torch.manual_seed(0)
+    conv = PatchEmbed(img_size=48, patch_size=16, in_chans=3, embed_dim=24)
+    torch.manual_seed(0)
+    product = PatchEmbedding(48, 16, 24)
+    assert {n: p.shape for n, p in product.named_parameters()} == {n: p.shape for n, p in conv.named_parameters()}
+    assert all(torch.equal(a, b) for a, b in zip(product.parameters(), conv.parameters()))
+    image = torch.randn(2, 3, 48, 48)
+    expected, actual = conv(image), product(image)
+    assert actual.shape == (2, 9, 24) and product.num_patches == 9
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(expected)
+    (expected * weights).sum().backward()
+    (actual * weights).sum().backward()
+    for a, b in zip(product.parameters(), conv.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="64x64 px.*48x48.*image_res"):
+        product(torch.randn(1, 3, 64, 64))
 
 
 def test_interpolate_pos_embed_keeps_cls_and_resizes_grid():
