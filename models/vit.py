@@ -29,13 +29,12 @@ DEIT_BASE_URL = "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2e
 class PatchEmbedding(nn.Module):
     """Non-overlapping patches -> tokens (B, N, D), row-major over the grid: timm's PatchEmbed
     (a stride-p convolution; same ``proj.weight`` / ``proj.bias`` names and initialisation) computed
-    as one matrix product over the unfolded patches. Same values; on an H100 the convolution cost
-    ~2 ms per pretraining step in cuDNN's layout conversions alone (docs/benchmarks.md)."""
+    as one matrix product over the unfolded patches. Same values; a size that is not a multiple of
+    the patch (380 px) leaves the last rows and columns unread, as the convolution does. On an H100
+    the convolution cost ~2 ms per pretraining step (docs/benchmarks.md)."""
 
     def __init__(self, img_size: int, patch_size: int, embed_dim: int, in_chans: int = 3) -> None:
         super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
         self.img_size, self.patch_size = img_size, patch_size
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size ** 2
@@ -47,6 +46,8 @@ class PatchEmbedding(nn.Module):
             raise ValueError(f"image of {height}x{width} px, but this ViT was built for {self.img_size}x{self.img_size} "
                              "(config key image_res)")
         p, grid = self.patch_size, self.grid_size
+        if grid * p != height:  # e.g. 380 px: 23 patches; the convolution ignores the last 12 rows and columns
+            image = image[:, :, :grid * p, :grid * p]
         patches = image.reshape(batch, channels, grid, p, grid, p).permute(0, 2, 4, 1, 3, 5)
         patches = patches.reshape(batch, self.num_patches, channels * p * p)  # (c, kh, kw) order, as the kernel
         weight = self.proj.weight.reshape(self.proj.out_channels, -1)

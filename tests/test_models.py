@@ -163,6 +163,12 @@ def test_patch_embedding_as_one_product_equals_the_strided_convolution():
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-5)
     with pytest.raises(ValueError, match="64x64 px.*48x48.*image_res"):
         product(torch.randn(1, 3, 64, 64))
+    torch.manual_seed(0)  # 380 px (the fine-tuning size) at patch 16: 23 x 23 patches, the last 12 px unread
+    conv, product = PatchEmbed(img_size=380, patch_size=16, in_chans=3, embed_dim=8), PatchEmbedding(380, 16, 8)
+    product.load_state_dict(conv.state_dict())
+    image = torch.randn(1, 3, 380, 380)
+    assert product.num_patches == conv.num_patches == 529
+    torch.testing.assert_close(product(image), conv(image), atol=1e-5, rtol=1e-5)
 
 
 def test_interpolate_pos_embed_keeps_cls_and_resizes_grid():
