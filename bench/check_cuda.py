@@ -2,8 +2,9 @@
 
     python bench/check_cuda.py --device cuda        # prints one JSON line; exit code 1 if a check fails
 
-On the tiny pretraining model (random weights, dropout off): fused (SDPA) vs explicit attention
-give the same losses and gradients in fp32; a bf16-autocast step stays close to the fp32 step
+On the tiny pretraining model (random weights, dropout off): fused (SDPA) vs explicit attention,
+the patch embedding as one product vs the convolution and the MLM heads on the masked rows vs all
+rows give the same losses and gradients in fp32; a bf16-autocast step stays close to the fp32 step
 (losses and gradient direction); the step captured in a CUDA graph and replayed gives the eager
 step's losses and weights (same seeds; new batch, alpha and learning rate each step); with
 ``--compile_model``, so does the whole-model compiled step; and the batched retrieval scorer gives
@@ -39,6 +40,7 @@ from engine.cuda_graph import GraphedTrainStep, autocast_context  # noqa: E402
 from engine.trainer import apply_compile  # noqa: E402
 from models import MODEL_BUILDERS  # noqa: E402
 from models.tokenization import build_tokenizer  # noqa: E402
+from models.vit import PatchEmbedding  # noqa: E402
 from optim import create_optimizer  # noqa: E402
 
 CAPTIONS = ["a small red circle on the left", "a large blue square", "a green star in the middle of the picture",
@@ -73,15 +75,11 @@ def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def check_fused_attention(tokenizer, device: torch.device) -> dict:
-    fused = tiny_model("pretrain", tokenizer, device).eval()
-    explicit = copy.deepcopy(fused)
-    explicit.set_fused_attention(False)
-    for block in explicit.decoder_blocks:
-        block.attn.fused_attn = False
+def twin_gaps(reference: nn.Module, candidate: nn.Module, tokenizer, device: torch.device) -> dict:
+    """One forward + backward of two twins from the same seed: largest loss gap, relative gradient gap."""
     image, caption, vc = make_batch(tokenizer, device)
     runs = []
-    for model in (fused, explicit):
+    for model in (reference, candidate):
         torch.manual_seed(7)
         terms = model(image, (caption, vc), alpha=0.4)
         sum(terms.values()).backward()
@@ -89,8 +87,35 @@ def check_fused_attention(tokenizer, device: torch.device) -> dict:
                      torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     loss_gap = max(abs(runs[0][0][k] - runs[1][0][k]) for k in runs[0][0])
     grad_gap = relative_gap(runs[1][1], runs[0][1])
-    return {"losses_fused": runs[0][0], "max_loss_diff": loss_gap, "grad_relative_diff": grad_gap,
+    return {"losses": runs[0][0], "max_loss_diff": loss_gap, "grad_relative_diff": grad_gap,
             "ok": loss_gap < 1e-3 and grad_gap < 1e-3}
+
+
+def check_fused_attention(tokenizer, device: torch.device) -> dict:
+    fused = tiny_model("pretrain", tokenizer, device).eval()
+    explicit = copy.deepcopy(fused)
+    explicit.set_fused_attention(False)
+    for block in explicit.decoder_blocks:
+        block.attn.fused_attn = False
+    return twin_gaps(fused, explicit, tokenizer, device)
+
+
+def check_exact_rewrites(tokenizer, device: torch.device) -> dict:
+    """The rewrites that compute the original's values another way, against the original's way: the
+    patch embedding as one product (vs timm's strided convolution) and the MLM heads on the masked
+    rows (vs all rows; on a GPU the static row bound)."""
+    product = tiny_model("pretrain", tokenizer, device).eval()
+    product.mlm_logits_on_masked = False
+    convolution = copy.deepcopy(product)
+    for module in convolution.modules():
+        if isinstance(module, PatchEmbedding):
+            module.forward = lambda image, proj=module.proj: proj(image).flatten(2).transpose(1, 2)
+    all_rows = copy.deepcopy(product)
+    product.mlm_logits_on_masked = True
+    report = {"patch_embedding": twin_gaps(convolution, copy.deepcopy(all_rows), tokenizer, device),
+              "mlm_masked_rows": twin_gaps(all_rows, product, tokenizer, device)}
+    report["ok"] = all(part["ok"] for part in report.values())
+    return report
 
 
 def check_bf16_step(tokenizer, device: torch.device) -> dict:
@@ -282,7 +307,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = {"bench": "check_cuda", "device": args.device, "torch": torch.__version__,
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     twins = {"merge_text_passes": args.merge_text_passes}  # the pretraining twins' option
-    checks = (("fused_attention", check_fused_attention), ("bf16_step", check_bf16_step),
+    checks = (("fused_attention", check_fused_attention), ("exact_rewrites", check_exact_rewrites),
+              ("bf16_step", check_bf16_step),
               ("graphed_step", functools.partial(check_graphed_step, **twins)),
               ("retrieval_ranks", check_retrieval_ranks))
     if args.compile_model:
@@ -290,7 +316,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report["merge_text_passes"] = args.merge_text_passes
     for name, check in checks:
         try:
-            report[name] = check(tokenizer, device)
+            with contextlib.redirect_stdout(sys.stderr):  # progress lines (retrieval's logger): stdout is the JSON
+                report[name] = check(tokenizer, device)
         except Exception as error:  # report every check, even after one breaks
             report[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
     report["ok"] = all(report[name]["ok"] for name, _ in checks)
