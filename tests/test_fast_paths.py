@@ -234,16 +234,15 @@ def test_mlm_heads_on_masked_rows_give_the_same_losses_and_gradients(tokenizer, 
     if capacity == "static":  # what an accelerator or a compiled step uses
         monkeypatch.setattr(masked_rows, "mlm_rows_capacity",
                             lambda labels: losses.mlm_row_capacity(labels.numel(), masked_rows.mlm_probability))
-    head_inputs = {}
-    for name, model in (("all", all_rows), ("masked", masked_rows)):
-        shapes = head_inputs[name] = []
-        hook = model.text_encoder.cls.register_forward_hook(lambda _m, args, _o, shapes=shapes:
-                                                            shapes.append(tuple(args[0].shape)))
-        head_inputs[name + "_result"] = terms_and_gradients(model, tiny_pretrain_batch(tokenizer))
+    head_input_shapes, results = [], []
+    for model in (all_rows, masked_rows):
+        shapes = []  # the online head's input; the momentum head (text_encoder_m.cls) is not hooked
+        hook = model.text_encoder.cls.register_forward_hook(lambda _m, args, _o: shapes.append(tuple(args[0].shape)))
+        results.append(terms_and_gradients(model, tiny_pretrain_batch(tokenizer)))
         hook.remove()
-    assert_same_terms_and_gradients(head_inputs["all_result"], head_inputs["masked_result"])
-    (batch, length, width), = head_inputs["all"]  # one online head call; the momentum head runs without hooks
-    (rows, row_width), = head_inputs["masked"]
+        head_input_shapes.append(shapes)
+    assert_same_terms_and_gradients(results[0], results[1])
+    [(batch, length, width)], [(rows, row_width)] = head_input_shapes
     assert batch == 4 and row_width == width
     if capacity == "static":
         assert rows == losses.mlm_row_capacity(batch * length, 0.15)

@@ -334,7 +334,6 @@ class GroundingTask(RetrievalTask):
             [TokenizingCollate(tokenizer, 1, (CAPTION, VISUAL_CONCEPTS)), GroundingEvalCollate(tokenizer)])
         return {"train": train_loader, "test": test_loader}
 
-
     def evaluate(self, model: nn.Module, loaders: dict, config: dict, args: Any, epoch: int,
                  device: torch.device) -> dict:
         model.eval()
