@@ -78,6 +78,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="the config key: one text pass of 2B captions and one fusion pass of 4B texts")
     p.add_argument("--mlm_logits_on_masked", action=argparse.BooleanOptionalAction, default=True,
                    help="the config key: the MLM vocabulary heads on the masked rows only (no-: all B x L rows)")
+    p.add_argument("--pick_image_rows_by_product", action=argparse.BooleanOptionalAction, default=True,
+                   help="the config key: the hard negatives' image keys/values picked by a one-hot product "
+                        "(no-: by indexing, whose backward scatters with atomic adds)")
     p.add_argument("--text_length", type=int, default=25, help="caption tokens ([CLS] + 24 pieces, as the original)")
     p.add_argument("--vc_length", type=int, default=55, help="visual-concept tokens per image")
     p.add_argument("--alpha", type=float, default=0.4, help="distillation weight (the value after epoch 0)")
@@ -347,6 +350,7 @@ def run(args: argparse.Namespace) -> dict:
     config["share_image_keys_values"] = args.share_image_keys_values
     config["merge_text_passes"] = args.merge_text_passes
     config["mlm_logits_on_masked"] = args.mlm_logits_on_masked
+    config["pick_image_rows_by_product"] = args.pick_image_rows_by_product
     config["compile"] = args.compile
     batch_size = config["batch_size"]
     if config["queue_size"] % batch_size:
@@ -360,7 +364,8 @@ def run(args: argparse.Namespace) -> dict:
         "vc_length": args.vc_length, "compile": args.compile, "cuda_graph": args.cuda_graph,
         "grad_checkpointing": args.grad_checkpointing, "fused_attention": args.fused_attention,
         "share_image_keys_values": args.share_image_keys_values, "merge_text_passes": args.merge_text_passes,
-        "mlm_logits_on_masked": args.mlm_logits_on_masked, "sdpa_backend": args.sdpa_backend,
+        "mlm_logits_on_masked": args.mlm_logits_on_masked,
+        "pick_image_rows_by_product": args.pick_image_rows_by_product, "sdpa_backend": args.sdpa_backend,
         "steps": args.steps, "warmup": args.warmup,
     }
 

@@ -102,8 +102,9 @@ def check_fused_attention(tokenizer, device: torch.device) -> dict:
 
 def check_exact_rewrites(tokenizer, device: torch.device) -> dict:
     """The rewrites that compute the original's values another way, against the original's way: the
-    patch embedding as one product (vs timm's strided convolution) and the MLM heads on the masked
-    rows (vs all rows; on a GPU the static row bound)."""
+    patch embedding as one product (vs timm's strided convolution), the MLM heads on the masked
+    rows (vs all rows; on a GPU the static row bound) and the hard negatives' image keys/values
+    picked by a one-hot product (vs indexing)."""
     product = tiny_model("pretrain", tokenizer, device).eval()
     product.mlm_logits_on_masked = False
     convolution = copy.deepcopy(product)
@@ -112,8 +113,11 @@ def check_exact_rewrites(tokenizer, device: torch.device) -> dict:
             module.forward = lambda image, proj=module.proj: proj(image).flatten(2).transpose(1, 2)
     all_rows = copy.deepcopy(product)
     product.mlm_logits_on_masked = True
+    indexed_rows = copy.deepcopy(product)
+    indexed_rows.pick_image_rows_by_product = False
     report = {"patch_embedding": twin_gaps(convolution, copy.deepcopy(all_rows), tokenizer, device),
-              "mlm_masked_rows": twin_gaps(all_rows, product, tokenizer, device)}
+              "mlm_masked_rows": twin_gaps(all_rows, copy.deepcopy(product), tokenizer, device),
+              "image_rows_by_product": twin_gaps(indexed_rows, product, tokenizer, device)}
     report["ok"] = all(part["ok"] for part in report.values())
     return report
 

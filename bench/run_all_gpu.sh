@@ -121,13 +121,17 @@ if [[ "${BENCH_COMPILE:-1}" == 1 ]]; then
     --compile blocks --cuda_graph --batch_size 64 --steps 15 --warmup 3 --merge_text_passes \
     --profile 2 $(kernel_table pretrain_bf16_compile_graph_b64_merged)
 fi
-# A/B of the MLM heads on the masked rows (config mlm_logits_on_masked, default on since session 13, not
-# measured on a GPU yet): the parts above run with it; this one is the 'before' (all B x L rows). Opt-in:
-# BENCH_AB=1 BENCH_ONLY="pretrain_bf16_compile_graph_b64 pretrain_bf16_compile_graph_b64_all_mlm_rows".
+# A/B of two rewrites not measured on a GPU yet, each the 'before' of the parts above (which run with both):
+# the MLM heads on all B x L rows (config mlm_logits_on_masked off; on since session 13) and the hard
+# negatives' image keys/values picked by indexing (pick_image_rows_by_product off; on since session 14).
+# Opt-in: BENCH_AB=1 BENCH_ONLY="pretrain_bf16_compile_graph_b64 pretrain_bf16_compile_graph_b64_all_mlm_rows ...".
 if [[ "${BENCH_AB:-0}" == 1 ]]; then
   run_part pretrain_bf16_compile_graph_b64_all_mlm_rows 120 "$PY" bench/bench_pretrain.py --device cuda \
     --precision bf16 --compile blocks --cuda_graph --batch_size 64 --steps 15 --warmup 3 --no-mlm_logits_on_masked \
     --profile 2 $(kernel_table pretrain_bf16_compile_graph_b64_all_mlm_rows)
+  run_part pretrain_bf16_compile_graph_b64_indexed_rows 120 "$PY" bench/bench_pretrain.py --device cuda \
+    --precision bf16 --compile blocks --cuda_graph --batch_size 64 --steps 15 --warmup 3 \
+    --no-pick_image_rows_by_product --profile 2 $(kernel_table pretrain_bf16_compile_graph_b64_indexed_rows)
 fi
 # The whole forward compiled as one graph inside the captured step (the fastest setting: 708 samples/s on an
 # H100, session 11). Its first compile at the paper size takes about 4 minutes on a 16-core host, so it is

@@ -145,6 +145,9 @@ _TOP: dict[str, _Key] = {
     "fused_attention": _Key("bool", True, "scaled_dot_product_attention (False = explicit attention maps)"),
     "share_image_keys_values": _Key("bool", True, "project the images' fusion cross-attention keys/values once "
                                     "for all ITM/MLM passes (False = once per pass, as the original; same math)"),
+    "pick_image_rows_by_product": _Key("bool", True, "pick the ITM hard negatives' rows of the shared image "
+                                       "keys/values by a one-hot product when training (False = indexing; same "
+                                       "values, a backward without atomic scatter-adds)"),
     "merge_text_passes": _Key("bool", False, "Pretrain: run the ITC and MLM captions through the text layers "
                               "as one 2B batch and the ITM and MLM texts through the fusion layers as one 4B "
                               "batch, online and momentum (same math per text; dropout and random draw order "

@@ -216,6 +216,9 @@ class AlignmentMixin:
     # Project each image's cross-attention keys/values once for all fusion passes that read it
     # (xbert.ImageKeysValues); off = one projection per pass, as the original (same math).
     share_image_keys_values: bool = True
+    # Pick the ITM hard negatives' rows of those keys/values by a one-hot product when a gradient flows
+    # back (xbert.pick_rows); off = indexing (same values; the backward sums in another order).
+    pick_image_rows_by_product: bool = True
 
     def build_alignment_towers(self, config: dict, bert_config: BertConfig, text_kind: str, weights: Optional[str],
                                init_deit: bool, return_hidden_state: bool = False) -> None:
@@ -223,6 +226,7 @@ class AlignmentMixin:
         original's order (pretraining: ``text_kind='mlm'``; retrieval/grounding: ``'model'``)."""
         embed_dim, vision_width = config["embed_dim"], config["vision_width"]
         self.itm_negatives = config.get("itm_negatives", "hard")
+        self.pick_image_rows_by_product = bool(config.get("pick_image_rows_by_product", True))
         if self.itm_negatives not in ITM_NEGATIVES:
             raise ValueError(f"config key itm_negatives is {self.itm_negatives!r}; expected one of {ITM_NEGATIVES}")
         self.visual_encoder = build_visual_encoder(config, return_hidden_state=return_hidden_state)
@@ -320,7 +324,7 @@ class AlignmentMixin:
         rows = block_rows(row_blocks, image_embeds.shape[0], image_embeds.device)
         if self.share_image_keys_values:
             if image_keys_values is None:
-                image_keys_values = self.text_bert.image_keys_values(image_embeds)
+                image_keys_values = self.text_bert.image_keys_values(image_embeds, self.pick_image_rows_by_product)
             images = image_keys_values.select_blocks(row_blocks) if stack else image_keys_values.select(rows)
         else:
             images = image_embeds[rows]

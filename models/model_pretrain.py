@@ -132,7 +132,8 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
             loss_ita = loss_itc + self.hidden_weight * self.hierarchical_loss(image_hidden, text_hidden)
         # 7. ITM with hard negatives; 8. MLM with distillation. Both read the images' cross-attention
         # keys/values, projected once (xbert.ImageKeysValues) unless share_image_keys_values is off.
-        image_kv = self.text_encoder.bert.image_keys_values(image_embeds) if self.share_image_keys_values else None
+        image_kv = (self.text_encoder.bert.image_keys_values(image_embeds, self.pick_image_rows_by_product)
+                    if self.share_image_keys_values else None)
         if merged:
             loss_itm, loss_mlm = self.merged_itm_mlm_losses(
                 image_embeds, image_mask, image_kv, image_embeds_m, text_embeds, caption.attention_mask,

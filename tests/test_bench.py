@@ -109,7 +109,7 @@ def test_retrieval_bench_batched_scores_equal_the_loop():
 def test_cuda_check_script_passes_on_cpu(capsys):
     assert check_cuda.main(["--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)  # stdout holds the one JSON line and nothing else
-    assert report["ok"] and set(report["exact_rewrites"]) == {"patch_embedding", "mlm_masked_rows", "ok"}
+    assert report["ok"] and set(report["exact_rewrites"]) == {"patch_embedding", "mlm_masked_rows", "image_rows_by_product", "ok"}
 
 
 def test_hashed_uniform_draws_are_uniform_exact_and_salted():

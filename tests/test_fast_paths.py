@@ -23,7 +23,8 @@ from conftest import REPO, compile_with_dynamo_only, demo_config, tiny_pretrain_
 from engine.cuda_graph import autocast_context
 from models import losses
 from models.backbone import QueueMixin
-from models.xbert import ImageKeysValues, StackedKeysValues, block_rows
+from models import xbert
+from models.xbert import ImageKeysValues, StackedKeysValues, block_rows, pick_rows
 from optim import create_optimizer
 
 sys.path.insert(0, os.path.join(REPO, "bench"))  # check_cuda: order-independent random draws
@@ -143,6 +144,53 @@ def test_shared_image_keys_values_give_the_same_losses_and_gradients(tokenizer, 
         projections.append(count[0])
     assert projections == [1, 2]  # one projection for ITM + MLM, against one per pass
     assert_same_terms_and_gradients(results[0], results[1])
+
+
+def test_pick_rows_is_indexing_with_a_summing_backward():
+    """The one-hot product gives source[rows] bit for bit (bf16 too); its backward sums the gradients
+    of repeated rows (as indexing's scatter-add, summed in fp32)."""
+    torch.manual_seed(0)
+    rows = torch.tensor([2, 0, 2, 4, 4, 4])  # repeats, and rows 1 and 3 never picked
+    for dtype in (torch.float32, torch.bfloat16):
+        source = torch.randn(5, 3, 4, dtype=dtype, requires_grad=True)
+        picked = pick_rows(source, rows)
+        assert picked.shape == (6, 3, 4) and torch.equal(picked, source[rows])
+        upstream = torch.randn_like(picked)
+        (gradient,) = torch.autograd.grad(picked, source, upstream)
+        expected = torch.zeros(5, 3, 4).index_add_(0, rows, upstream.float())
+        tolerance = 0.0 if dtype == torch.float32 else 8e-3  # bf16: the sum rounded once
+        torch.testing.assert_close(gradient.float(), expected, atol=tolerance, rtol=tolerance)
+        assert not gradient[[1, 3]].any()
+
+
+@pytest.mark.parametrize("merge_text_passes", [False, True], ids=["separate_passes", "merged_passes"])
+def test_image_rows_picked_by_product_give_the_same_losses_and_gradients(tokenizer, monkeypatch, merge_text_passes):
+    """pick_image_rows_by_product: the ITM hard negatives' rows of the shared keys/values are picked by
+    a one-hot product in training (once per step for every fusion layer), by indexing when off."""
+    from check_cuda import order_independent_draws
+
+    product = tiny_pretrain_model(tokenizer, merge_text_passes=merge_text_passes).eval()  # dropout off
+    indexing = copy.deepcopy(product)
+    indexing.pick_image_rows_by_product = False
+    calls = [0]
+
+    def counting(source, rows):
+        calls[0] += 1
+        return pick_rows(source, rows)
+
+    monkeypatch.setattr(xbert, "pick_rows", counting)
+    results, products = [], []
+    for model in (product, indexing):
+        calls[0] = 0
+        with order_independent_draws():
+            results.append(terms_and_gradients(model, tiny_pretrain_batch(tokenizer)))
+        products.append(calls[0])
+    assert products == [1, 0]
+    assert_same_terms_and_gradients(results[1], results[0])
+    with torch.no_grad():  # no backward: indexing, also with the switch on (evaluation, momentum passes)
+        image_embeds, _ = product.encode_image(*tiny_pretrain_batch(tokenizer)[::2])
+        product.text_encoder.bert.image_keys_values(image_embeds).select(torch.tensor([1, 0]))
+    assert calls[0] == 0
 
 
 @pytest.mark.parametrize("share_image_keys_values, mask_vc_padding", [(True, False), (True, True), (False, False)],
