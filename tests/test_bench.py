@@ -98,12 +98,18 @@ def test_pretrain_bench_refuses_a_queue_that_the_batch_does_not_divide():
 def test_retrieval_bench_batched_scores_equal_the_loop():
     record = bench_retrieval_eval.main(["--device", "cpu", "--threads", "1", "--num_images", "6",
                                         "--captions_per_image", "2", "--k_test", "4", "--group_size", "3",
-                                        "--pairs_per_batch", "10"])
+                                        "--pairs_per_batch", "10", "--image_batch_size", "4"])
     assert record["pairs"] == 6 * 4 + 12 * 4
     assert record["max_abs_diff"] < 1e-5
     assert set(record["extrapolated_scoring_seconds"]) == {"coco5k", "flickr1k"}
     features = record["extrapolated_feature_seconds"]
     assert features["coco5k"] == pytest.approx(5 * features["flickr1k"], rel=0.01)
+    # each encoder extrapolated by its own count; the total adds the batched scoring
+    expected = 5000 / record["images_per_s"] + 25000 / record["texts_per_s"]
+    assert features["coco5k"] == pytest.approx(expected, rel=0.01)
+    total = record["extrapolated_total_seconds"]["coco5k"]
+    assert total == pytest.approx(features["coco5k"] + record["extrapolated_scoring_seconds"]["coco5k"]["batched"],
+                                  abs=0.02)
 
 
 def test_cuda_check_script_passes_on_cpu(capsys):
