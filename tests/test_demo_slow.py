@@ -1,7 +1,7 @@
 """The embedded demo at its real size, every task checked against its floor (opt-in, not in CI).
 
 Fast tests cannot hold NLVR far above chance: that needs the demo's pretraining, text assignment and
-NLVR fine-tuning, ~20 of the suite's 10 minutes (docs/DESIGN.md, Known gaps). This test runs the two
+NLVR fine-tuning, ~20 of the suite's 10 minutes (docs/demo.md). This test runs the two
 demo commands exactly as a user does and fails if any task's best epoch ends below
 ``tools.demo_summary.FLOORS``. Run it with ``bash run_tests.sh --run-slow tests/test_demo_slow.py``
 (22 min on 2 CPU cores; it reuses ``data/demo`` and its tiny init when they exist).

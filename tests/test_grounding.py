@@ -261,7 +261,7 @@ def test_finetuning_logs_accuracy_and_keeps_the_best_epoch(finetuned, demo_data)
 
     Measured with this fixture (256 pretraining images, 12 epochs) before the tiny init learnt shapes:
     val 0.38 after 2 epochs against 0.21 for a random proposal (0.20 from a 5-epoch pretraining, whose
-    ITM had not learnt). The demo-size run reaches 0.60 / 0.60 / 0.61 (docs/DESIGN.md).
+    ITM had not learnt). The demo-size run reaches 0.60 / 0.60 / 0.61 (docs/demo.md).
     """
     records = read_log(finetuned)
     assert [list(r) for r in records] == [["train_lr", "train_loss_itm", "train_loss_ita", "val_d", "testA_d",

@@ -487,7 +487,7 @@ def test_text_assignment_then_nlvr_then_evaluate(demo_data, pretrain_checkpoint,
     # Chance is 1/2. The demo (1,200 pairs after a 10-epoch text assignment on the 12-epoch demo
     # pretraining) reaches best val / test 0.79-0.86 / 0.82-0.85, but from this fixture's weaker
     # pretraining (ITM loss still 0.56) neither the text assignment nor NLVR learns in the time a test
-    # has (docs/DESIGN.md, Known gaps). What is asserted here is that it trains (the loss falls) and
+    # has (docs/demo.md). What is asserted here is that it trains (the loss falls) and
     # that the protocol around it holds; the model's use of both pictures is checked by
     # test_nlvr_learns_a_label_that_needs_both_images, and the demo's NLVR floor (0.7) by the opt-in
     # tests/test_demo_slow.py.

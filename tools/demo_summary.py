@@ -3,7 +3,7 @@
 Used by ``run_demo.sh`` (retrieval) and ``tools/run_demo_tasks.sh`` (the other tasks); also usable
 on any output folder laid out as ``<out>/{retrieval,ve,vqa,nlvr,grounding}/log.txt``. With ``--check``
 it exits with status 1 when a task's best epoch is below its floor (``FLOORS``): far above chance and
-below what the demo measures (docs/DESIGN.md), so a demo that stopped learning fails loudly.
+below what the demo measures (docs/demo.md), so a demo that stopped learning fails loudly.
 
 Example: python tools/demo_summary.py output/demo --check
 """
@@ -27,7 +27,7 @@ TASKS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 
 # task -> {metric: lowest accepted value}, far above chance and below the demo's results on 2 CPU cores
-# (docs/DESIGN.md, Known gaps: retrieval R@1 64 / 74, VE 0.76 / 0.83, VQA 46, NLVR 0.8, grounding 0.6).
+# (docs/demo.md: retrieval R@1 64 / 74, VE 0.76 / 0.83, VQA 46, NLVR 0.8, grounding 0.6).
 FLOORS: dict[str, dict[str, float]] = {
     "retrieval": {"test_txt_r1": 30.0, "test_img_r1": 30.0},  # chance 2.0
     "ve": {"val_acc": 0.6, "test_acc": 0.6},  # chance 1/3

@@ -3,7 +3,7 @@
 Real ViCHA pretraining starts from DeiT-B/16 and bert-base-uncased, whose [CLS] features already
 differ between inputs. A randomly initialised tiny model does not have that: its [CLS] features are
 nearly identical, and ITC against the detached momentum bank has almost no gradient there, so the
-demo never learns image-text alignment (docs/DESIGN.md). This tool gives the demo what the real run
+demo never learns image-text alignment (docs/demo.md). This tool gives the demo what the real run
 gets from its initial weights: it trains the two unimodal towers of the tiny model (the ViT and the
 text layers of the BERT) with an in-batch image-text contrastive loss on the demo's *pretraining*
 corpus only. DeiT is also a supervised classifier, and the tiny ViT gets that too: its [CLS] and its
