@@ -27,7 +27,7 @@ TASKS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 
 # task -> {metric: lowest accepted value}, far above chance and below the demo's results on 2 CPU cores
-# (docs/demo.md: retrieval R@1 64 / 74, VE 0.76 / 0.83, VQA 46, NLVR 0.8, grounding 0.6).
+# (docs/demo.md: retrieval R@1 64-66 / 74, VE 0.76 / 0.83, VQA 39-46, NLVR 0.8, grounding 0.6).
 FLOORS: dict[str, dict[str, float]] = {
     "retrieval": {"test_txt_r1": 30.0, "test_img_r1": 30.0},  # chance 2.0
     "ve": {"val_acc": 0.6, "test_acc": 0.6},  # chance 1/3
