@@ -132,6 +132,8 @@ class ImageKeysValues:
     the same math (a linear map commutes with row selection). ``rows`` (optional) names, for each text
     of a pass, the image row it attends to; ``blocks`` (optional, ``select_blocks``) does the same by
     blocks of B texts, so the blocks that attend to the images in order can share their reads.
+    In training (a gradient flows back), rows are picked from the whole projection at once by a
+    one-hot product (``pick_rows``), when built with ``pick_rows_by_product``; otherwise by indexing.
     """
 
     keys: dict[int, torch.Tensor]  # layer index -> (B, heads, S, head_dim)
@@ -157,8 +159,11 @@ class ImageKeysValues:
 
     def _picks_by_product(self) -> bool:
         """Rows are picked by a product only where a gradient flows back (training); evaluation and
-        the momentum passes index (no backward to save, and no product over large candidate sets)."""
-        return self.projection is not None and self.projection.requires_grad and torch.is_grad_enabled()
+        the momentum passes index (no backward to save, and no product over large candidate sets).
+        An fp32 product may run in TF32 (10-bit mantissa) and round the picked values: indexing then."""
+        if self.projection is None or not (self.projection.requires_grad and torch.is_grad_enabled()):
+            return False
+        return self.projection.dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest"
 
     def select(self, rows: torch.Tensor) -> "ImageKeysValues":
         """The same projections, attended by texts whose images are ``rows`` (indices into this batch)."""

@@ -163,6 +163,30 @@ def test_pick_rows_is_indexing_with_a_summing_backward():
         assert not gradient[[1, 3]].any()
 
 
+def test_rows_are_picked_by_product_only_where_the_product_is_exact_and_a_gradient_flows():
+    layers, heads = (6, 7), 2
+    projection = torch.randn(3, 5, 2 * len(layers) * 8, requires_grad=True)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        assert ImageKeysValues.from_projection(projection, layers, heads)._picks_by_product()
+        assert not ImageKeysValues.from_projection(projection, layers, heads, pick_rows_by_product=False
+                                                   )._picks_by_product()
+        assert not ImageKeysValues.from_projection(projection.detach(), layers, heads)._picks_by_product()
+        with torch.no_grad():
+            assert not ImageKeysValues.from_projection(projection, layers, heads)._picks_by_product()
+        torch.set_float32_matmul_precision("high")  # fp32 products may run in TF32: indexing
+        assert not ImageKeysValues.from_projection(projection, layers, heads)._picks_by_product()
+        assert ImageKeysValues.from_projection(projection.bfloat16(), layers, heads)._picks_by_product()
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    picked = ImageKeysValues.from_projection(projection, layers, heads).select(torch.tensor([2, 2, 0]))
+    full = ImageKeysValues.from_projection(projection, layers, heads)
+    for layer in layers:  # every layer's keys and values, in head layout, of the picked images
+        assert picked.keys[layer].shape == (3, heads, 5, 4)
+        assert torch.equal(picked.keys[layer], full.keys[layer][[2, 2, 0]])
+        assert torch.equal(picked.values[layer], full.values[layer][[2, 2, 0]])
+
+
 @pytest.mark.parametrize("merge_text_passes", [False, True], ids=["separate_passes", "merged_passes"])
 def test_image_rows_picked_by_product_give_the_same_losses_and_gradients(tokenizer, monkeypatch, merge_text_passes):
     """pick_image_rows_by_product: the ITM hard negatives' rows of the shared keys/values are picked by
