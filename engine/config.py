@@ -412,3 +412,23 @@ def get_option(config: dict, name: str) -> Any:
     if default is _REQUIRED:
         raise KeyError(f"config key '{name}' is required here but missing")
     return default
+
+
+def describe_keys(word: str = "") -> str:
+    """Every declared key (top level, then ``optimizer.*`` and ``schedular.*``) with its type, code
+    default and meaning, one per line; ``word`` keeps the lines that contain it (any case)."""
+    tables = [("", _TOP)] + [(f"{block}.", table) for block, table in _BLOCKS.items()]
+    lines = []
+    for prefix, table in tables:
+        for name, key in table.items():
+            if key.kind == "block":
+                continue
+            default = "required" if key.default is _REQUIRED else repr(key.default)
+            lines.append(f"{prefix}{name}  ({key.kind}, default {default}): {key.doc}")
+    return "\n".join(line for line in lines if word.lower() in line.lower())
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(describe_keys(" ".join(sys.argv[1:])))

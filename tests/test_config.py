@@ -283,3 +283,16 @@ def test_boolean_flags_accept_the_original_spelling_and_mean_what_they_say(capsy
     with pytest.raises(SystemExit):
         parser.parse_args(["--resume", "maybe"])
     assert "--resume takes true or false, not 'maybe'" in capsys.readouterr().err
+
+
+def test_every_declared_key_is_listed_with_its_default_and_meaning():
+    from engine.config import KNOWN_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS, describe_keys
+
+    lines = describe_keys().splitlines()
+    names = [line.split("  (")[0] for line in lines]
+    expected = ([name for name in KNOWN_KEYS if name not in ("optimizer", "schedular")]
+                + [f"optimizer.{name}" for name in OPTIMIZER_KEYS] + [f"schedular.{name}" for name in SCHEDULER_KEYS])
+    assert names == expected
+    assert "queue_size  (int, default required): " in describe_keys("queue_size")
+    assert describe_keys("PICK_IMAGE_ROWS").startswith("pick_image_rows_by_product  (bool, default True): ")
+    assert describe_keys("no key mentions this") == ""
