@@ -65,7 +65,8 @@ def build_parser(description: str, config: str, output_dir: str, data_json_dir: 
     parser.add_argument("--data_json_dir", default=data_json_dir, help="folder of the annotation JSON files")
     parser.add_argument("--data_dir", default=DEMO_DATA_DIR, help="folder the image paths are relative to")
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. optimizer.lr=2e-5 batch_size=16")
+                        help="override config keys, e.g. optimizer.lr=2e-5 batch_size=16 (python -m engine.config lists "
+                             "the keys)")
     parser.add_argument("--bf16", action=BoolFlag, default=None,
                         help="bf16 autocast (default: the config's 'bf16', off)")
     parser.add_argument("--grad_checkpointing", action=BoolFlag, default=None,

@@ -248,7 +248,7 @@ def _unknown_key_message(name: str, candidates: list[str], source: str, prefix: 
     if close:
         message += f"; did you mean '{prefix}{close[0]}'?"
     else:
-        message += "; every key must be declared in engine/config.py"
+        message += "; every key must be declared in engine/config.py (python -m engine.config lists them)"
     return message
 
 
