@@ -64,6 +64,28 @@ class AnnotationDataset(Dataset):
         return self.transform(load_image(path, ann_file, local))
 
 
+class ImageRootDataset(AnnotationDataset):
+    """Records whose image paths are relative to one folder, ``image_root``, with texts cut to
+    ``max_words`` words: the retrieval, VE, NLVR and grounding datasets (the original's signature)."""
+
+    def __init__(
+        self,
+        ann_files: PathLike | Sequence[PathLike],
+        transform: Transform,
+        image_root: PathLike,
+        max_words: int = 30,
+        sep_token: bool = True,
+        randkw_p: float | None = None,
+    ) -> None:
+        super().__init__(ann_files, transform, sep_token, randkw_p)
+        self.image_root = image_root
+        self.max_words = max_words
+        self.build_index()
+
+    def build_index(self) -> None:
+        """Lookups a dataset derives from its records once, after reading them (default: none)."""
+
+
 def join_root(root: PathLike, relative: str) -> str:
     """`os.path.join` as the original: an absolute `relative` overrides the root."""
     return os.path.join(os.fspath(root), relative)

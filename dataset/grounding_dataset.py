@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .base import AnnotationDataset, Transform, contiguous_ids, join_root
+from .base import ImageRootDataset, Transform, contiguous_ids, join_root
 from .loading import PathLike
 from .text import pre_caption
 
 MODES = ("train", "test")
 
 
-class GroundingDataset(AnnotationDataset):
+class GroundingDataset(ImageRootDataset):
     """Items: train `(image, (text, vc_string), img_idx)`, test `((image, vc_string), text, ref_id)`.
 
     Training `img_idx` numbers the distinct image FILE NAMES (last path component) in order of
@@ -30,9 +30,7 @@ class GroundingDataset(AnnotationDataset):
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"grounding mode must be one of {MODES}, got {mode!r}")
-        super().__init__(ann_files, transform, sep_token, randkw_p)
-        self.image_root = image_root
-        self.max_words = max_words
+        super().__init__(ann_files, transform, image_root, max_words, sep_token, randkw_p)
         self.mode = mode
         if mode == "train":
             self.img_ids = contiguous_ids([self._file_name(i) for i in range(len(self.ann))])

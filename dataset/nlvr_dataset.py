@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
-from .base import AnnotationDataset, Transform, join_root
-from .loading import PathLike
+from .base import ImageRootDataset, join_root
 from .text import pre_caption
 
 
-class NLVRDataset(AnnotationDataset):
+class NLVRDataset(ImageRootDataset):
     """Items `(image_left, image_right, (sentence, vc_left, vc_right), label)`.
 
     The label is 1 exactly when the field is the string "True" (a JSON boolean gives 0, as the
     original). The two images are transformed independently (flips do not swap the pair).
     """
-
-    def __init__(
-        self,
-        ann_files: PathLike | Sequence[PathLike],
-        transform: Transform,
-        image_root: PathLike,
-        max_words: int = 30,
-        sep_token: bool = True,
-        randkw_p: float | None = None,
-    ) -> None:
-        super().__init__(ann_files, transform, sep_token, randkw_p)
-        self.image_root = image_root
-        self.max_words = max_words
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, tuple[str, str, str], int]:
         paths = self.field(index, "images")

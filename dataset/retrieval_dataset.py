@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
-from .base import AnnotationDataset, Transform, contiguous_ids, join_root
-from .loading import PathLike
+from .base import ImageRootDataset, contiguous_ids, join_root
 from .text import pre_caption
 
 
-class RetrievalTrainDataset(AnnotationDataset):
+class RetrievalTrainDataset(ImageRootDataset):
     """One record per caption; items `(image, (caption, vc_string), img_idx)`.
 
     `img_idx` numbers the distinct `image_id` values 0, 1, ... in order of first appearance;
     captions of the same image share it (positives for the contrastive loss).
     """
 
-    def __init__(
-        self,
-        ann_files: PathLike | Sequence[PathLike],
-        transform: Transform,
-        image_root: PathLike,
-        max_words: int = 30,
-        sep_token: bool = True,
-        randkw_p: float | None = None,
-    ) -> None:
-        super().__init__(ann_files, transform, sep_token, randkw_p)
-        self.image_root = image_root
-        self.max_words = max_words
+    def build_index(self) -> None:
         self.img_ids = contiguous_ids([self.field(i, "image_id") for i in range(len(self.ann))])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, tuple[str, str], int]:
@@ -38,7 +24,7 @@ class RetrievalTrainDataset(AnnotationDataset):
         return image, (caption, self.vc_string(index)), self.img_ids[self.field(index, "image_id")]
 
 
-class RetrievalEvalDataset(AnnotationDataset):
+class RetrievalEvalDataset(ImageRootDataset):
     """One record per image; items `((image, vc_string), image_index)`, length = number of images.
 
     Attributes for the ranking metrics:
@@ -50,18 +36,7 @@ class RetrievalEvalDataset(AnnotationDataset):
     A single-string `caption` counts as one caption.
     """
 
-    def __init__(
-        self,
-        ann_file: PathLike | Sequence[PathLike],
-        transform: Transform,
-        image_root: PathLike,
-        max_words: int = 30,
-        sep_token: bool = True,
-        randkw_p: float | None = None,
-    ) -> None:
-        super().__init__(ann_file, transform, sep_token, randkw_p)
-        self.image_root = image_root
-        self.max_words = max_words
+    def build_index(self) -> None:
         self.text: list[str] = []
         self.image: list[str] = []
         self.img2txt: dict[int, list[int]] = {}

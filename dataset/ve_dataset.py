@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
-from .base import AnnotationDataset, Transform, join_root
-from .loading import PathLike
+from .base import ImageRootDataset, join_root
 from .text import pre_caption
 
 VE_LABELS = {"entailment": 2, "neutral": 1, "contradiction": 0}
 
 
-class VEDataset(AnnotationDataset):
+class VEDataset(ImageRootDataset):
     """Items `(image, (sentence, vc_string), label)`; `image` is an id loaded as `<image_root>/<id>.jpg`."""
-
-    def __init__(
-        self,
-        ann_files: PathLike | Sequence[PathLike],
-        transform: Transform,
-        image_root: PathLike,
-        max_words: int = 30,
-        sep_token: bool = True,
-        randkw_p: float | None = None,
-    ) -> None:
-        super().__init__(ann_files, transform, sep_token, randkw_p)
-        self.image_root = image_root
-        self.max_words = max_words
 
     def label(self, index: int) -> int:
         name = self.field(index, "label")
