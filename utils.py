@@ -8,11 +8,13 @@ the barrier is a no-op when no process group is initialised or the world has one
 from __future__ import annotations
 
 import builtins
+import contextlib
 import datetime
 import json
 import os
 import random
 import time
+import uuid
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -400,24 +402,35 @@ class AttrDict(dict):
             raise AttributeError(name) from None
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then ``os.replace``.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
+    """A fresh temporary path beside ``path`` (same folder, created if missing) for the caller to write.
 
-    An interrupted or failing write never leaves a truncated file at ``path``: the previous checkpoint
-    stays intact and the temporary file is removed.
+    When the block ends normally the file replaces ``path`` with ``os.replace`` (atomic on one file
+    system); when it raises, the temporary file is removed and ``path`` keeps its old content, so an
+    interrupted or failing write never leaves a truncated checkpoint, config or result behind.
+    ``suffix`` ends the temporary name (``np.save`` appends '.npy' to names without it).
     """
     path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    # A name no other process uses; created by the writer, so it gets the usual permissions.
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through ``atomic_path``, flushed to disk before it replaces ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def append_log_line(path: str | os.PathLike, record: dict | str) -> None:

@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from utils import atomic_path
+
 __all__ = [
     "KNOWN_KEYS",
     "OPTIMIZER_KEYS",
@@ -386,19 +388,11 @@ def _plain(value: Any) -> Any:
 
 
 def save_config(config: dict, path: str | os.PathLike) -> None:
-    """Write ``config`` as YAML, atomically (a temporary file in the same directory, then os.replace)."""
-    path = os.fspath(path)
+    """Write ``config`` as YAML, atomically (``utils.atomic_path``)."""
     stream = io.StringIO()
     _yaml().dump(_plain(config), stream)
-    tmp = f"{path}.tmp{os.getpid()}"  # same directory, so os.replace is atomic
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(stream.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(stream.getvalue())
 
 
 def get_option(config: dict, name: str) -> Any:

@@ -10,7 +10,6 @@ are assembled (and the shards deleted) only once every shard is done.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -18,7 +17,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from .files import PathLike, temp_path_beside, atomic_write_json, read_json, refuse_existing
+from utils import atomic_path
+
+from .files import PathLike, atomic_save_npy, atomic_write_json, read_json, refuse_existing
 from .shards import ShardedJob, fingerprint_strings
 
 KEYS_SUFFIX = '.keys.json'
@@ -109,9 +110,7 @@ def save_embeddings(keys: Sequence[str], matrix: np.ndarray, path: PathLike,
     if len(keys) != matrix.shape[0]:
         raise ValueError(f"{len(keys)} keys for {matrix.shape[0]} rows")
     refuse_existing([npy, keys_path], overwrite)
-    tmp = temp_path_beside(npy, '.npy')
-    np.save(tmp, np.ascontiguousarray(matrix))
-    os.replace(tmp, npy)
+    atomic_save_npy(np.ascontiguousarray(matrix), npy)
     atomic_write_json(list(keys), keys_path)
 
 
@@ -184,20 +183,14 @@ def _assemble(job: ShardedJob, npy: Path, keys_path: Path, dtype: str) -> int:
         raise RuntimeError(f"no embeddings produced: all {job.num_items} inputs were skipped")
     if len(dims) != 1:
         raise RuntimeError(f"shards in {job.work_dir} disagree on the embedding size: {dims}")
-    tmp = temp_path_beside(npy, '.npy')
-    try:
+    keys: List[str] = []
+    with atomic_path(npy, suffix='.npy') as tmp:
         out = np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype, shape=(rows, dims.pop()))
-        keys: List[str] = []
         for meta, arrays in shards:
             n = len(meta['keys'])
             out[len(keys):len(keys) + n] = arrays['emb']
             keys.extend(meta['keys'])
         out.flush()
         del out
-        os.replace(tmp, npy)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     atomic_write_json(keys, keys_path)
     return rows

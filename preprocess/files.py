@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 from typing import Any, Iterable, List, Union
 
 import numpy as np
+
+from utils import atomic_path
 
 PathLike = Union[str, os.PathLike]
 
@@ -27,39 +27,16 @@ def refuse_existing(paths: Iterable[PathLike], overwrite: bool) -> None:
             "pass --overwrite to replace it")
 
 
-def temp_path_beside(path: Path, suffix: str) -> str:
-    """An empty temporary file beside `path` (same file system, so os.replace is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return tmp
-
-
 def atomic_write_json(obj: Any, path: PathLike) -> None:
     """Write `obj` as UTF-8 JSON (no indentation, as the original files) via a temporary file."""
-    path = Path(path)
-    tmp = temp_path_beside(path, '.tmp')
-    try:
-        with open(tmp, 'w', encoding='utf-8') as f:
-            json.dump(obj, f, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(obj, f, ensure_ascii=False)
 
 
 def atomic_save_npy(array: np.ndarray, path: PathLike) -> None:
     """Save one array as `.npy` via a temporary file."""
-    path = Path(path)
-    tmp = temp_path_beside(path, '.npy')
-    try:
+    with atomic_path(path, suffix='.npy') as tmp:
         np.save(tmp, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read_json(path: PathLike, what: str = 'JSON file') -> Any:

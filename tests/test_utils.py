@@ -26,6 +26,7 @@ from utils import (
     SmoothedValue,
     all_reduce_sum,
     append_log_line,
+    atomic_path,
     atomic_save,
     barrier,
     compute_n_params,
@@ -142,6 +143,30 @@ def test_atomic_save_keeps_old_file_when_the_write_fails(tmp_path: Path) -> None
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pth"]  # no temporary file left
     atomic_save({"epoch": 2}, path)
     assert torch.load(path)["epoch"] == 2
+
+
+def test_atomic_path_replaces_the_file_only_when_the_write_succeeds(tmp_path: Path) -> None:
+    path = tmp_path / "new_folder" / "result.json"
+    with atomic_path(path) as tmp:
+        assert os.path.dirname(tmp) == str(path.parent) and not os.path.exists(path)
+        Path(tmp).write_text("first")
+    assert path.read_text() == "first"
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # the usual permissions
+    with pytest.raises(ValueError, match="half written"):
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text("second, trunc")
+            raise ValueError("half written")
+    assert path.read_text() == "first" and os.listdir(path.parent) == ["result.json"]
+    with atomic_path(tmp_path / "array.npy", suffix=".npy") as tmp:
+        assert tmp.endswith(".npy")
+        np.save(tmp, np.arange(3))  # np.save keeps a name that already ends with .npy
+    assert np.load(tmp_path / "array.npy").tolist() == [0, 1, 2]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_append_log_line(tmp_path: Path) -> None:

@@ -144,10 +144,8 @@ def write_result(predictions: dict[int, int], dataset, result_dir: str, name: st
     records = [{"question_id": int(dataset.field(index, "question_id")), "answer": dataset.answer_list[answer]}
                for index, answer in predictions.items()]
     path = os.path.join(result_dir, f"{name}.json")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with utils.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         json.dump(records, handle)
-    os.replace(tmp, path)
     return path
 
 
