@@ -38,6 +38,7 @@ __all__ = [
     "SmoothedValue",
     "MetricLogger",
     "AttrDict",
+    "atomic_path",
     "atomic_save",
     "append_log_line",
     "compute_n_params",

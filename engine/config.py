@@ -37,6 +37,7 @@ __all__ = [
     "apply_overrides",
     "save_config",
     "get_option",
+    "describe_keys",
 ]
 
 DEIT_BASE_URL = "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth"
