@@ -18,6 +18,7 @@ number of images and of captions; ``extrapolated_total_seconds`` adds the batche
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -29,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, as a script
 
 from engine.config import load_config  # noqa: E402
-from engine.retrieval_eval import (TEXT_LENGTH, VC_LENGTH, RetrievalFeatures, pairs_scored,  # noqa: E402
-                                   score_matrices, score_matrices_per_query)
+from engine.retrieval_eval import (TEXT_LENGTH, VC_LENGTH, RetrievalFeatures, encode_image_batches,  # noqa: E402
+                                   encode_text_batches, pairs_scored, score_matrices, score_matrices_per_query)
 from models import MODEL_BUILDERS  # noqa: E402
 from models.tokenization import TokenBatch  # noqa: E402
 
@@ -81,28 +82,6 @@ def random_inputs(model, config: dict, args: argparse.Namespace, device: torch.d
     return image_batches, text_batches
 
 
-@torch.no_grad()
-def encode_images(model, image_batches: list, bf16: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    embeds_list, feats_list = [], []
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-        for images, vc in image_batches:
-            embeds, _ = model.encode_image(images, vc)
-            embeds_list.append(embeds)
-            feats_list.append(model.image_features(embeds).float())
-    return torch.cat(embeds_list), torch.cat(feats_list)
-
-
-@torch.no_grad()
-def encode_texts(model, text_batches: list, bf16: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    embeds_list, feats_list = [], []
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-        for batch in text_batches:
-            embeds = model.encode_text(batch)
-            embeds_list.append(embeds)
-            feats_list.append(model.text_features(embeds).float())
-    return torch.cat(embeds_list), torch.cat(feats_list)
-
-
 def timed(fn, device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -115,6 +94,13 @@ def timed(fn, device: torch.device):
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
+    with contextlib.redirect_stdout(sys.stderr):  # the scorers' progress lines: stdout is the one JSON line
+        result = measure(args)
+    print(json.dumps(result))
+    return result
+
+
+def measure(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = dict(load_config(args.config), init_bert=False, init_deit=False)
@@ -124,13 +110,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     model = MODEL_BUILDERS["retrieval"](config, text_encoder=None, tokenizer=None).to(device).eval()
 
     image_batches, text_batches = random_inputs(model, config, args, device)
-    encode_images(model, image_batches[:1], args.bf16, device)  # warm-up (kernels, allocator, autotuning)
-    encode_texts(model, text_batches[:1], args.bf16, device)
-    (image_embeds, image_feats), image_seconds = timed(
-        lambda: encode_images(model, image_batches, args.bf16, device), device)
-    (text_embeds, text_feats), text_seconds = timed(lambda: encode_texts(model, text_batches, args.bf16, device), device)
-    text_mask = torch.cat([batch.attention_mask for batch in text_batches])
-    features = RetrievalFeatures(image_embeds, None, image_feats, text_embeds, text_mask, text_feats)
+    encode_image_batches(model, image_batches[:1], device, args.bf16)  # warm-up (kernels, allocator, autotuning)
+    encode_text_batches(model, text_batches[:1], device, args.bf16)
+    (image_embeds, image_mask, image_feats), image_seconds = timed(
+        lambda: encode_image_batches(model, image_batches, device, args.bf16), device)
+    (text_embeds, text_mask, text_feats), text_seconds = timed(
+        lambda: encode_text_batches(model, text_batches, device, args.bf16), device)
+    features = RetrievalFeatures(image_embeds, image_mask, image_feats, text_embeds, text_mask, text_feats)
     small = RetrievalFeatures(features.image_embeds[:4], None, features.image_feats[:4], features.text_embeds[:8],
                               features.text_mask[:8], features.text_feats[:8])
     score_matrices(model, small, 2, bf16=args.bf16, print_freq=10**9)  # warm-up (kernels, allocator)
@@ -169,7 +155,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "extrapolated_total_seconds": {name: round(feature_seconds[name] + extrapolated[name]["batched"], 2)
                                        for name in TEST_SETS},
     }
-    print(json.dumps(result))
     return result
 
 

@@ -3,8 +3,9 @@
     python bench/check_cuda.py --device cuda        # prints one JSON line; exit code 1 if a check fails
 
 On the tiny pretraining model (random weights, dropout off): fused (SDPA) vs explicit attention,
-the patch embedding as one product vs the convolution and the MLM heads on the masked rows vs all
-rows give the same losses and gradients in fp32; a bf16-autocast step stays close to the fp32 step
+the patch embedding as one product vs the convolution, the MLM heads on the masked rows vs all
+rows and the hard negatives' image rows picked by a product vs indexing give the same losses and
+gradients in fp32; a bf16-autocast step stays close to the fp32 step
 (losses and gradient direction); the step captured in a CUDA graph and replayed gives the eager
 step's losses and weights (same seeds; new batch, alpha and learning rate each step); with
 ``--compile_model``, so does the whole-model compiled step; and the batched retrieval scorer gives
@@ -105,19 +106,16 @@ def check_exact_rewrites(tokenizer, device: torch.device) -> dict:
     patch embedding as one product (vs timm's strided convolution), the MLM heads on the masked
     rows (vs all rows; on a GPU the static row bound) and the hard negatives' image keys/values
     picked by a one-hot product (vs indexing)."""
-    product = tiny_model("pretrain", tokenizer, device).eval()
-    product.mlm_logits_on_masked = False
-    convolution = copy.deepcopy(product)
+    rewritten = tiny_model("pretrain", tokenizer, device).eval()  # every rewrite on (the defaults)
+    convolution, all_rows, indexed_rows = (copy.deepcopy(rewritten) for _ in range(3))  # one rewrite off each
     for module in convolution.modules():
         if isinstance(module, PatchEmbedding):
             module.forward = lambda image, proj=module.proj: proj(image).flatten(2).transpose(1, 2)
-    all_rows = copy.deepcopy(product)
-    product.mlm_logits_on_masked = True
-    indexed_rows = copy.deepcopy(product)
+    all_rows.mlm_logits_on_masked = False
     indexed_rows.pick_image_rows_by_product = False
-    report = {"patch_embedding": twin_gaps(convolution, copy.deepcopy(all_rows), tokenizer, device),
-              "mlm_masked_rows": twin_gaps(all_rows, copy.deepcopy(product), tokenizer, device),
-              "image_rows_by_product": twin_gaps(indexed_rows, product, tokenizer, device)}
+    originals = {"patch_embedding": convolution, "mlm_masked_rows": all_rows, "image_rows_by_product": indexed_rows}
+    report = {name: twin_gaps(original, copy.deepcopy(rewritten), tokenizer, device)
+              for name, original in originals.items()}
     report["ok"] = all(part["ok"] for part in report.values())
     return report
 

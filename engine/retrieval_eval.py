@@ -23,7 +23,7 @@ Two implementations of the scoring give the same matrices (tested):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -82,6 +82,34 @@ def _autocast(device: torch.device, bf16: bool):
 
 
 @torch.no_grad()
+def encode_text_batches(model: nn.Module, batches: Iterable[TokenBatch], device: torch.device,
+                        bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(text-mode hidden states, attention masks, normalised ITC features) of tokenised captions, in order."""
+    embeds, masks, feats = [], [], []
+    for batch in batches:
+        batch = batch.to(device)
+        with _autocast(device, bf16):
+            hidden = model.encode_text(batch)
+            feats.append(model.text_features(hidden).float())
+        embeds.append(hidden)
+        masks.append(batch.attention_mask)
+    return torch.cat(embeds), torch.cat(masks), torch.cat(feats)
+
+
+@torch.no_grad()
+def encode_image_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, TokenBatch]], device: torch.device,
+                         bf16: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """(ViT outputs with VC tokens, their masks or None, normalised ITC features) of (images, VCs) batches."""
+    embeds, masks, feats = [], [], []
+    for images, vc in batches:
+        with _autocast(device, bf16):
+            hidden, mask = model.encode_image(images.to(device, non_blocking=True), vc.to(device))
+            feats.append(model.image_features(hidden).float())
+        embeds.append(hidden)
+        masks.append(mask)
+    return torch.cat(embeds), None if masks[0] is None else torch.cat(masks), torch.cat(feats)
+
+
 def compute_features(model: nn.Module, image_loader, texts: Sequence[str], tokenizer: ViCHATokenizer,
                      device: torch.device, text_batch_size: int = 64, bf16: bool = False,
                      print_freq: int = 50) -> RetrievalFeatures:
@@ -90,36 +118,21 @@ def compute_features(model: nn.Module, image_loader, texts: Sequence[str], token
     ``image_loader`` yields :class:`EvalImageCollate` batches in dataset order (no sampler).
     """
     model.eval()
-    text_embeds, text_masks, text_feats = [], [], []
-    for start in range(0, len(texts), text_batch_size):
-        batch = tokenizer(list(texts[start:start + text_batch_size]), padding="max_length", truncation=True,
-                          max_length=TEXT_LENGTH).to(device)
-        with _autocast(device, bf16):
-            embeds = model.encode_text(batch)
-            feats = model.text_features(embeds)
-        text_embeds.append(embeds)
-        text_masks.append(batch.attention_mask)
-        text_feats.append(feats.float())
+    text_batches = (tokenizer(list(texts[start:start + text_batch_size]), padding="max_length", truncation=True,
+                              max_length=TEXT_LENGTH) for start in range(0, len(texts), text_batch_size))
+    text_embeds, text_mask, text_feats = encode_text_batches(model, text_batches, device, bf16)
 
-    image_embeds, image_masks, image_feats = [], [], []
-    logger = utils.MetricLogger(delimiter="  ")
-    for images, vc, indices in logger.log_every(image_loader, print_freq, "Evaluation (features):"):
-        if indices.numel() and int(indices[0]) != sum(e.shape[0] for e in image_embeds):
-            raise ValueError("the evaluation image loader must yield the images in dataset order (no sampler)")
-        with _autocast(device, bf16):
-            embeds, mask = model.encode_image(images.to(device, non_blocking=True), vc.to(device))
-            feats = model.image_features(embeds)
-        image_embeds.append(embeds)
-        image_masks.append(mask)
-        image_feats.append(feats.float())
-    return RetrievalFeatures(
-        image_embeds=torch.cat(image_embeds),
-        image_mask=None if image_masks[0] is None else torch.cat(image_masks),
-        image_feats=torch.cat(image_feats),
-        text_embeds=torch.cat(text_embeds),
-        text_mask=torch.cat(text_masks),
-        text_feats=torch.cat(text_feats),
-    )
+    def images_in_order():
+        logger = utils.MetricLogger(delimiter="  ")
+        seen = 0
+        for images, vc, indices in logger.log_every(image_loader, print_freq, "Evaluation (features):"):
+            if indices.numel() and int(indices[0]) != seen:
+                raise ValueError("the evaluation image loader must yield the images in dataset order (no sampler)")
+            seen += images.shape[0]
+            yield images, vc
+
+    image_embeds, image_mask, image_feats = encode_image_batches(model, images_in_order(), device, bf16)
+    return RetrievalFeatures(image_embeds, image_mask, image_feats, text_embeds, text_mask, text_feats)
 
 
 def rank_rows(count: int, world_size: int, rank: int) -> range:
@@ -366,7 +379,7 @@ def describe(metrics: dict[str, Any]) -> str:
 
 __all__ = [
     "EvalImageCollate", "FILL_SCORE", "METRIC_KEYS", "PairGroups", "RetrievalFeatures", "Shortlists", "TEXT_LENGTH",
-    "VC_LENGTH", "compute_features", "describe", "evaluate_retrieval", "grouped_fusion",
-    "itm_eval", "pack_pairs", "pairs_scored", "rank_rows", "score_matrices", "score_matrices_per_query",
+    "VC_LENGTH", "compute_features", "describe", "encode_image_batches", "encode_text_batches", "evaluate_retrieval",
+    "grouped_fusion", "itm_eval", "pack_pairs", "pairs_scored", "rank_rows", "score_matrices", "score_matrices_per_query",
     "shortlists",
 ]
