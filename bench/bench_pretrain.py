@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))  # run from anywhere, as a script
 from dataset.synthetic import vocabulary  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.cuda_graph import GraphedTrainStep  # noqa: E402
-from engine.trainer import COMPILE_MODES, configure_runtime  # noqa: E402
+from engine.trainer import COMPILE_MODES, TORCH_COMPILE_MODES, configure_runtime  # noqa: E402
 from models import MODEL_BUILDERS  # noqa: E402
 from models.tokenization import TokenBatch, ViCHATokenizer, build_tokenizer  # noqa: E402
 from optim import create_optimizer  # noqa: E402
@@ -64,6 +64,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (kernels, allocator, compile)")
     p.add_argument("--compile", default="none", choices=COMPILE_MODES,
                    help="torch.compile: 'blocks' = every ViT block and BERT layer, 'model' = the whole forward")
+    p.add_argument("--compile_mode", default="default", choices=TORCH_COMPILE_MODES,
+                   help="torch.compile's mode (config key compile_mode): 'max-autotune-no-cudagraphs' times "
+                        "Triton product kernels with fused epilogues against cuBLAS (long first compile)")
     p.add_argument("--cuda_graph", action=argparse.BooleanOptionalAction, default=False,
                    help="capture the whole step in a CUDA graph and replay it (engine/cuda_graph.py, the "
                         "trainer's cuda_graph key); MLM masks are then drawn on the device")
@@ -352,6 +355,7 @@ def run(args: argparse.Namespace) -> dict:
     config["mlm_logits_on_masked"] = args.mlm_logits_on_masked
     config["pick_image_rows_by_product"] = args.pick_image_rows_by_product
     config["compile"] = args.compile
+    config["compile_mode"] = args.compile_mode
     batch_size = config["batch_size"]
     if config["queue_size"] % batch_size:
         raise ValueError(f"queue_size {config['queue_size']} is not a multiple of the batch size {batch_size}; "
@@ -361,8 +365,9 @@ def run(args: argparse.Namespace) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": args.precision,
         "batch_size": batch_size, "queue_size": config["queue_size"], "text_length": args.text_length,
-        "vc_length": args.vc_length, "compile": args.compile, "cuda_graph": args.cuda_graph,
-        "grad_checkpointing": args.grad_checkpointing, "fused_attention": args.fused_attention,
+        "vc_length": args.vc_length, "compile": args.compile, "compile_mode": args.compile_mode,
+        "cuda_graph": args.cuda_graph, "grad_checkpointing": args.grad_checkpointing,
+        "fused_attention": args.fused_attention,
         "share_image_keys_values": args.share_image_keys_values, "merge_text_passes": args.merge_text_passes,
         "mlm_logits_on_masked": args.mlm_logits_on_masked,
         "pick_image_rows_by_product": args.pick_image_rows_by_product, "sdpa_backend": args.sdpa_backend,
@@ -377,7 +382,7 @@ def run(args: argparse.Namespace) -> dict:
     with torch.device(device):  # initialise on the device: minutes faster for the paper model on CUDA
         model = MODEL_BUILDERS["pretrain"](config, text_encoder=None, tokenizer=tokenizer)
     model.to(device)
-    configure_runtime(model, config)
+    configure_runtime(model, config, device)
     model.train()
     optimizer = create_optimizer(config["optimizer"], model)  # fused AdamW when the model is on CUDA
     record["optimizer_kernel"] = "fused" if optimizer.defaults.get("fused") else "foreach"
@@ -447,7 +452,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             raise
         # A compile or capture failure is a result to report, not a crash of the benchmark suite.
         record = {"bench": "pretrain_step", "config": args.config, "device": args.device, "compile": args.compile,
-                  "cuda_graph": args.cuda_graph, "precision": args.precision, "batch_size": args.batch_size,
+                  "compile_mode": args.compile_mode, "cuda_graph": args.cuda_graph, "precision": args.precision,
+                  "batch_size": args.batch_size,
                   "error": f"{type(error).__name__}: {str(error)[:800]}"}
         traceback.print_exc(file=sys.stderr)
     print(json.dumps(record), flush=True)

@@ -10,7 +10,8 @@
 # still gets a line, with "error" and the tail of its stderr. Full logs: bench_logs/<part>.{out,err}.
 # BENCH_COMPILE=0 skips the torch.compile + CUDA graph run of the pretraining step (last, with whatever
 # budget is left); BENCH_E2E=1 adds the demo pretraining through the real trainer on CUDA + bf16 (eager
-# and with cuda_graph; ~2.5 min). BENCH_COMPILE_MODEL=1 adds a whole-model compile inside the captured step.
+# and with cuda_graph; ~2.5 min). BENCH_COMPILE_MODEL=1 adds a whole-model compile inside the captured step,
+# BENCH_AB=1 the before/after parts of unmeasured rewrites, BENCH_AUTOTUNE=1 the max-autotune compile.
 # BENCH_SKIP="part part ..." skips parts by name, BENCH_ONLY="part ..." runs only those. PYTHON picks the
 # interpreter (default: python).
 set -u
@@ -147,6 +148,20 @@ if [[ "${BENCH_COMPILE_MODEL:-0}" == 1 ]]; then
     --precision bf16 --compile model --cuda_graph --batch_size 64 --steps 15 --warmup 2 --merge_text_passes \
     --profile 2 $(kernel_table pretrain_bf16_compile_model_graph_b64_merged)
   run_part check_compiled_merged 200 "$PY" bench/check_cuda.py --device cuda --compile_model --merge_text_passes
+fi
+
+# torch.compile's max-autotune (config compile_mode: max-autotune-no-cudagraphs, session 15, not measured yet):
+# Triton product kernels, with the elementwise work after them (the ViT MLP's GELU: ~7 ms of elementwise
+# GELU kernels per step in session 11's table) fused in, timed against cuBLAS, inside the captured step.
+# The check first (on CPU the autotuned compiled blocks gave NaN gradients: refused there). Opt-in, autotuning
+# takes minutes: BENCH_AUTOTUNE=1 BENCH_TOTAL_S=540 BENCH_ONLY="check_compiled_blocks_autotune
+# pretrain_bf16_autotune_blocks_graph_b64".
+if [[ "${BENCH_AUTOTUNE:-0}" == 1 ]]; then
+  run_part check_compiled_blocks_autotune 180 "$PY" bench/check_cuda.py --device cuda --compile_blocks \
+    --compile_mode max-autotune-no-cudagraphs
+  run_part pretrain_bf16_autotune_blocks_graph_b64 360 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 \
+    --compile blocks --compile_mode max-autotune-no-cudagraphs --cuda_graph --batch_size 64 --steps 15 --warmup 3 \
+    --profile 2 $(kernel_table pretrain_bf16_autotune_blocks_graph_b64)
 fi
 
 echo "results: $RESULTS ($(( $(date +%s) - START )) s)" >&2

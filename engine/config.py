@@ -170,6 +170,10 @@ _TOP: dict[str, _Key] = {
     "max_grad_norm": _Key("float", None, "clip the gradient norm to this value (None = no clipping)"),
     "compile": _Key("str", "none", "torch.compile: 'none', 'blocks' (each ViT block and BERT layer, about a "
                     "minute) or 'model' (the whole forward; several minutes on first use)"),
+    "compile_mode": _Key("str", "default", "torch.compile's mode for compile: 'default', "
+                         "'max-autotune-no-cudagraphs' (times Triton product kernels with fused epilogues "
+                         "against cuBLAS; long first compile; GPU only), 'reduce-overhead' or 'max-autotune' "
+                         "(these two capture CUDA graphs themselves: not with cuda_graph)"),
 }
 
 _OPTIMIZER: dict[str, _Key] = {

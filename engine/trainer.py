@@ -171,17 +171,42 @@ def load_initial_weights(task: Task, args: argparse.Namespace, config: dict, mod
 
 
 COMPILE_MODES = ("none", "blocks", "model")
+# torch.compile's own modes (config key compile_mode). The ones that capture CUDA graphs themselves
+# (inductor's cudagraph trees) cannot run inside the trainer's captured step (cuda_graph).
+TORCH_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
-def apply_compile(model: nn.Module, mode: str) -> nn.Module:
+def check_compile_mode(compile_mode: str, cuda_graph: bool = False, device: Optional[torch.device] = None) -> None:
+    """Validate config key ``compile_mode``, alone and against ``cuda_graph`` and the device.
+
+    The autotuning modes are refused on CPU: with PyTorch 2.14.1 the tiny pretraining model trained
+    with ``compile: blocks`` that way got NaN gradients from its second step on (the compiled BERT
+    layers' backward, dropout on; the default mode matched eager)."""
+    if compile_mode not in TORCH_COMPILE_MODES:
+        raise ValueError(f"config key compile_mode is {compile_mode!r}; expected one of {TORCH_COMPILE_MODES}")
+    if cuda_graph and compile_mode in CUDAGRAPH_COMPILE_MODES:
+        raise ValueError(f"config key compile_mode {compile_mode!r} captures CUDA graphs itself, which cannot "
+                         "happen inside the step that cuda_graph: true captures; use 'max-autotune-no-cudagraphs' "
+                         "or 'default' with cuda_graph")
+    if device is not None and device.type == "cpu" and compile_mode.startswith("max-autotune"):
+        raise ValueError(f"config key compile_mode {compile_mode!r} is refused on CPU: there it gave NaN gradients "
+                         "from the second training step (compile: blocks, PyTorch 2.14.1); use 'default'")
+
+
+def apply_compile(model: nn.Module, mode: str, compile_mode: str = "default") -> nn.Module:
     """Config key ``compile``. ``blocks``: compile each ViT block and BERT layer in place (fused
     layer norms, GELU, residuals; about a minute); ``model``: the whole forward as one graph (also the
-    loss heads; several minutes on first use). Parameter names stay the same (checkpoints unchanged).
-    Returns ``model``."""
+    loss heads; several minutes on first use). ``compile_mode`` is torch.compile's ``mode``:
+    'max-autotune-no-cudagraphs' times Triton matrix-product templates against cuBLAS for every shape
+    and can fuse the elementwise work after a product into it (much longer first compile).
+    Parameter names stay the same (checkpoints unchanged). Returns ``model``."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"config key compile is {mode!r}; expected one of {COMPILE_MODES}")
+    check_compile_mode(compile_mode)
     if mode == "none":
         return model
+    options = {} if compile_mode == "default" else {"mode": compile_mode}
     import torch._dynamo
     from timm.models.vision_transformer import Block
 
@@ -190,23 +215,26 @@ def apply_compile(model: nn.Module, mode: str) -> nn.Module:
     # One compiled graph per (layer kind, shapes); the default limit of 8 is too low for 7 encoders.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if mode == "model":
-        model.compile()
+        model.compile(**options)
         return model
     for module in model.modules():
         if isinstance(module, (Block, BertLayer)):
-            module.compile()
+            module.compile(**options)
     return model
 
 
-def configure_runtime(model: nn.Module, config: dict) -> None:
-    """Apply the speed switches of the config to a freshly built model (compilation included)."""
+def configure_runtime(model: nn.Module, config: dict, device: Optional[torch.device] = None) -> None:
+    """Apply the speed switches of the config to a freshly built model (compilation included) that
+    will run on ``device``."""
     if hasattr(model, "set_fused_attention"):
         model.set_fused_attention(get_option(config, "fused_attention"))
     if hasattr(model, "share_image_keys_values"):
         model.share_image_keys_values = get_option(config, "share_image_keys_values")
     if get_option(config, "grad_checkpointing") and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
-    apply_compile(model, get_option(config, "compile"))
+    compile_mode = get_option(config, "compile_mode")
+    check_compile_mode(compile_mode, bool(get_option(config, "cuda_graph")), device)
+    apply_compile(model, get_option(config, "compile"), compile_mode)
 
 
 def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
@@ -226,7 +254,7 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
     datasets = task.build_datasets(config, args)
     loaders = task.build_loaders(datasets, config, args, tokenizer)
     model = task.build_model(config, args, tokenizer)
-    configure_runtime(model, config)
+    configure_runtime(model, config, device)
     model.to(device)
     print(f"parameters: {utils.compute_n_params(model)}")
 

@@ -29,7 +29,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def normalized(matrix: Union[np.ndarray, torch.Tensor], device: torch.device,
                dtype: torch.dtype) -> torch.Tensor:
     """Rows L2-normalised in float32, then cast to `dtype` on `device`."""
-    t = torch.as_tensor(np.asarray(matrix)) if not torch.is_tensor(matrix) else matrix
+    # np.array copies: a read-only memory map cannot back a tensor (PyTorch warns); the copy is float32
+    # anyway, as the normalisation needs it
+    t = matrix if torch.is_tensor(matrix) else torch.from_numpy(np.array(matrix, dtype=np.float32))
     return F.normalize(t.to(device=device, dtype=torch.float32), dim=-1).to(dtype)
 
 

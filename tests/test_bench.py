@@ -118,6 +118,27 @@ def test_cuda_check_script_passes_on_cpu(capsys):
     assert report["ok"] and set(report["exact_rewrites"]) == {"patch_embedding", "mlm_masked_rows", "image_rows_by_product", "ok"}
 
 
+def test_the_dropout_check_of_compiled_steps_flags_non_finite_gradients(vocab_tokenizer):
+    """check_cuda.train_with_dropout (run for autotuned compiles, whose CPU failure was NaN gradients from
+    the second step): an unchanged model passes with moving losses; one whose ViT gradients turn NaN from
+    the second backward on fails, naming those steps."""
+    cpu = torch.device("cpu")
+    plain = check_cuda.train_with_dropout(vocab_tokenizer, cpu, lambda model: None, merge_text_passes=False, steps=2)
+    assert plain["ok"] and plain["non_finite_steps"] == [] and plain["losses"][0] != plain["losses"][1]
+
+    def poison_from_second_backward(model):
+        calls = []
+
+        def hook(grad):
+            calls.append(1)
+            return grad * float("nan") if len(calls) > 1 else grad
+        model.visual_encoder.cls_token.register_hook(hook)
+
+    poisoned = check_cuda.train_with_dropout(vocab_tokenizer, cpu, poison_from_second_backward,
+                                             merge_text_passes=False, steps=3)
+    assert not poisoned["ok"] and poisoned["non_finite_steps"] == [1, 2]
+
+
 def test_hashed_uniform_draws_are_uniform_exact_and_salted():
     first = check_cuda.hashed_uniform((100, 100), 3, "cpu")
     assert torch.equal(first, check_cuda.hashed_uniform((100, 100), 3, "cpu"))  # no generator involved

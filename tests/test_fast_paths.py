@@ -491,6 +491,41 @@ def test_compile_blocks_compiles_each_vit_block_and_bert_layer_in_place(tokenize
         configure_runtime(tiny_pretrain_model(tokenizer), {"compile": "fast"})
 
 
+def test_compile_mode_reaches_torch_compile_and_bad_combinations_are_refused(tokenizer, monkeypatch):
+    """Config key compile_mode is torch.compile's ``mode`` for every compiled module; modes that capture
+    CUDA graphs themselves are refused with cuda_graph, and the autotuning modes on CPU (NaN gradients
+    from the second step with PyTorch 2.14.1), each naming the key."""
+    from engine.config import apply_overrides, describe_keys
+    from engine.trainer import configure_runtime
+
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: seen.append(kwargs))
+    autotune = "max-autotune-no-cudagraphs"
+    configure_runtime(tiny_pretrain_model(tokenizer), {"compile": "model", "compile_mode": autotune},
+                      torch.device("cuda"))  # a device object only: nothing runs
+    assert seen == [{"mode": autotune}]
+    seen.clear()
+    configure_runtime(tiny_pretrain_model(tokenizer), {"compile": "blocks", "cuda_graph": True,
+                                                       "compile_mode": autotune}, torch.device("cuda"))
+    assert len(seen) > 20 and all(kwargs == {"mode": autotune} for kwargs in seen)
+    seen.clear()
+    configure_runtime(tiny_pretrain_model(tokenizer), {"compile": "blocks"})
+    assert len(seen) > 20 and all(kwargs == {} for kwargs in seen)  # default: torch.compile's own default
+
+    refused = [({"compile": "model", "compile_mode": "fastest"}, None, "compile_mode is 'fastest'"),
+               ({"compile": "model", "compile_mode": "reduce-overhead", "cuda_graph": True}, None,
+                "captures CUDA graphs itself"),
+               ({"compile": "blocks", "compile_mode": autotune}, torch.device("cpu"), "refused on CPU"),
+               ({"compile": "model", "compile_mode": "max-autotune"}, torch.device("cpu"), "refused on CPU")]
+    for config, device, message in refused:
+        seen.clear()
+        with pytest.raises(ValueError, match=message):
+            configure_runtime(tiny_pretrain_model(tokenizer), config, device)
+        assert seen == []  # refused before anything is compiled
+    assert apply_overrides({}, [f"compile_mode={autotune}"])["compile_mode"] == autotune  # a declared key
+    assert "compile_mode" in describe_keys("compile_mode")
+
+
 @pytest.mark.parametrize("mode, merge_text_passes", [("model", False), ("blocks", True)],
                          ids=["whole_model", "blocks_merged_passes"])
 def test_a_compiled_training_step_equals_the_eager_step(tokenizer, monkeypatch, mode, merge_text_passes):
