@@ -365,9 +365,11 @@ class ViCHABase(nn.Module):
     def build_bert_config(self, tokenizer=None, **overrides) -> BertConfig:
         bert_config = load_bert_config(self.config, encoder_width=self.config["vision_width"], **overrides)
         if tokenizer is not None and len(tokenizer) != bert_config.vocab_size:
+            source = getattr(tokenizer, "source", "")
             raise ValueError(
-                f"the tokenizer has {len(tokenizer)} tokens but {self.config['bert_config']} says "
-                f"vocab_size {bert_config.vocab_size}"
+                f"the tokenizer{f' {source!r} (--text_encoder)' if source else ''} has {len(tokenizer)} tokens "
+                f"but {self.config['bert_config']} says vocab_size {bert_config.vocab_size}: pass --text_encoder "
+                "the vocabulary (folder with vocab.txt) that BERT config was made for"
             )
         return bert_config
 

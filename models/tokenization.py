@@ -44,8 +44,9 @@ class TokenBatch:
 class ViCHATokenizer:
     """Callable like a transformers tokenizer, returning :class:`TokenBatch`."""
 
-    def __init__(self, hf_tokenizer) -> None:
+    def __init__(self, hf_tokenizer, source: str = "") -> None:
         self.hf = hf_tokenizer
+        self.source = source  # what it was built from (hub name or folder), for error messages
         self.pad_token_id: int = hf_tokenizer.pad_token_id
         self.cls_token_id: int = hf_tokenizer.cls_token_id
         self.sep_token_id: int = hf_tokenizer.sep_token_id
@@ -126,4 +127,4 @@ def build_tokenizer(name_or_dir: str = "bert-base-uncased") -> ViCHATokenizer:
     for token in ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"):
         if hf.convert_tokens_to_ids(token) in (None, hf.unk_token_id) and token != "[UNK]":
             raise RuntimeError(f"tokenizer {name_or_dir!r} has no {token} token")
-    return ViCHATokenizer(hf)
+    return ViCHATokenizer(hf, source=name_or_dir)

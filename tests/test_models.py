@@ -52,6 +52,14 @@ def test_truncation_keeps_cls_plus_24_pieces_and_max_length_padding():
     assert untruncated.shape == (1, 41)
 
 
+def test_a_tokenizer_that_does_not_fit_the_bert_config_is_named_with_the_flag_to_change():
+    """The demo configs' 189-token BERT with the default --text_encoder (bert-base-uncased, 30,522 tokens)."""
+    with pytest.raises(ValueError, match=r"tokenizer 'bert-base-uncased' \(--text_encoder\) has 30522 tokens "
+                                         r"but .*config_bert_tiny.json says vocab_size 189: pass --text_encoder"):
+        MODEL_BUILDERS["retrieval"](demo_config("Retrieval"), text_encoder=None,
+                                    tokenizer=build_tokenizer("bert-base-uncased"))
+
+
 def test_tokenizer_folder_without_vocab_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="vocab.txt"):
         build_tokenizer(str(tmp_path))
