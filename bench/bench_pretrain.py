@@ -77,6 +77,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "H100 it picked cuDNN); calls it cannot serve fall back to efficient, then math")
     p.add_argument("--share_image_keys_values", action=argparse.BooleanOptionalAction, default=True,
                    help="project the fusion cross-attention keys/values of the images once per step")
+    p.add_argument("--bf16_residual", action=argparse.BooleanOptionalAction, default=False,
+                   help="config bf16_residual: the encoders' residual streams in bf16 under autocast")
     p.add_argument("--merge_text_passes", action=argparse.BooleanOptionalAction, default=False,
                    help="the config key: one text pass of 2B captions and one fusion pass of 4B texts")
     p.add_argument("--mlm_logits_on_masked", action=argparse.BooleanOptionalAction, default=True,
@@ -352,6 +354,7 @@ def run(args: argparse.Namespace) -> dict:
     config["fused_attention"] = args.fused_attention
     config["share_image_keys_values"] = args.share_image_keys_values
     config["merge_text_passes"] = args.merge_text_passes
+    config["bf16_residual"] = args.bf16_residual
     config["mlm_logits_on_masked"] = args.mlm_logits_on_masked
     config["pick_image_rows_by_product"] = args.pick_image_rows_by_product
     config["compile"] = args.compile
@@ -369,6 +372,7 @@ def run(args: argparse.Namespace) -> dict:
         "cuda_graph": args.cuda_graph, "grad_checkpointing": args.grad_checkpointing,
         "fused_attention": args.fused_attention,
         "share_image_keys_values": args.share_image_keys_values, "merge_text_passes": args.merge_text_passes,
+        "bf16_residual": args.bf16_residual,
         "mlm_logits_on_masked": args.mlm_logits_on_masked,
         "pick_image_rows_by_product": args.pick_image_rows_by_product, "sdpa_backend": args.sdpa_backend,
         "steps": args.steps, "warmup": args.warmup,

@@ -133,19 +133,25 @@ if [[ "${BENCH_AB:-0}" == 1 ]]; then
   run_part pretrain_bf16_compile_graph_b64_indexed_rows 120 "$PY" bench/bench_pretrain.py --device cuda \
     --precision bf16 --compile blocks --cuda_graph --batch_size 64 --steps 15 --warmup 3 \
     --no-pick_image_rows_by_product --profile 2 $(kernel_table pretrain_bf16_compile_graph_b64_indexed_rows)
+  # An 'after' instead (session 15, opt-in config key bf16_residual): the residual streams in bf16.
+  run_part pretrain_bf16_compile_graph_b64_bf16_residual 120 "$PY" bench/bench_pretrain.py --device cuda \
+    --precision bf16 --compile blocks --cuda_graph --batch_size 64 --steps 15 --warmup 3 \
+    --bf16_residual --profile 2 $(kernel_table pretrain_bf16_compile_graph_b64_bf16_residual)
 fi
 # The whole forward compiled as one graph inside the captured step (the fastest setting: 708 samples/s on an
 # H100, session 11). Its first compile at the paper size takes about 4 minutes on a 16-core host, so it is
 # opt-in and best run alone: BENCH_COMPILE_MODEL=1 BENCH_TOTAL_S=430
 # BENCH_ONLY=pretrain_bf16_compile_model_graph_b64 (check_compiled, the tiny-model check, another ~2 min).
+# BENCH_MODEL_FLAGS adds bench_pretrain.py flags to these two parts (e.g. "--bf16_residual").
 if [[ "${BENCH_COMPILE_MODEL:-0}" == 1 ]]; then
   run_part pretrain_bf16_compile_model_graph_b64 420 "$PY" bench/bench_pretrain.py --device cuda --precision bf16 \
-    --compile model --cuda_graph --batch_size 64 --steps 15 --warmup 2 \
+    --compile model --cuda_graph --batch_size 64 --steps 15 --warmup 2 ${BENCH_MODEL_FLAGS:-} \
     --profile 2 $(kernel_table pretrain_bf16_compile_model_graph_b64)
   run_part check_compiled 200 "$PY" bench/check_cuda.py --device cuda --compile_model
   # Both merged: pick with BENCH_ONLY (each compile takes minutes).
   run_part pretrain_bf16_compile_model_graph_b64_merged 420 "$PY" bench/bench_pretrain.py --device cuda \
     --precision bf16 --compile model --cuda_graph --batch_size 64 --steps 15 --warmup 2 --merge_text_passes \
+    ${BENCH_MODEL_FLAGS:-} \
     --profile 2 $(kernel_table pretrain_bf16_compile_model_graph_b64_merged)
   run_part check_compiled_merged 200 "$PY" bench/check_cuda.py --device cuda --compile_model --merge_text_passes
 fi

@@ -170,6 +170,9 @@ _TOP: dict[str, _Key] = {
     "max_grad_norm": _Key("float", None, "clip the gradient norm to this value (None = no clipping)"),
     "compile": _Key("str", "none", "torch.compile: 'none', 'blocks' (each ViT block and BERT layer, about a "
                     "minute) or 'model' (the whole forward; several minutes on first use)"),
+    "bf16_residual": _Key("bool", False, "with bf16 autocast, keep the encoders' residual streams and the "
+                          "layer-norm outputs feeding them in bf16 (statistics still fp32; Megatron-LM's default) "
+                          "instead of autocast's fp32 (the original): less memory traffic, another rounding"),
     "compile_mode": _Key("str", "default", "torch.compile's mode for compile: 'default', "
                          "'max-autotune-no-cudagraphs' (times Triton product kernels with fused epilogues "
                          "against cuBLAS; long first compile; GPU only), 'reduce-overhead' or 'max-autotune' "

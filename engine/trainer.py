@@ -25,6 +25,7 @@ from engine.config import get_option, save_config
 from engine.cuda_graph import GraphedTrainStep
 from engine.tasks.base import Task, to_device
 from models.checkpoint import LoadReport, load_checkpoint, load_state_dict_checked, model_state_dict, read_checkpoint
+from models.precision import set_low_precision_residual
 from models.tokenization import build_tokenizer
 from optim import create_optimizer
 from scheduler import create_scheduler
@@ -230,6 +231,7 @@ def configure_runtime(model: nn.Module, config: dict, device: Optional[torch.dev
         model.set_fused_attention(get_option(config, "fused_attention"))
     if hasattr(model, "share_image_keys_values"):
         model.share_image_keys_values = get_option(config, "share_image_keys_values")
+    set_low_precision_residual(model, get_option(config, "bf16_residual"))
     if get_option(config, "grad_checkpointing") and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
     compile_mode = get_option(config, "compile_mode")

@@ -12,6 +12,7 @@ from timm.models.vision_transformer import Block
 from models import losses
 from models.backbone import AlignmentMixin, MomentumMixin, QueueMixin, ViCHABase
 from models.pos_embed import get_2d_sincos_pos_embed
+from models.precision import to_autocast_dtype
 from models.tokenization import TokenBatch
 from utils import concat_all_gather, get_rank
 
@@ -89,6 +90,7 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
             for _ in range(config.get("mae_decoder_depth", 2))
         ])
         self.decoder_norm = nn.LayerNorm(width)  # eps 1e-5, PyTorch's default, as the original
+        self.low_precision_residual = False  # config bf16_residual: the decoder's stream too
         pos = get_2d_sincos_pos_embed(width, vit.grid_size, cls_token=True)
         self.decoder_pos_embed = nn.Parameter(torch.from_numpy(pos).float().unsqueeze(0), requires_grad=False)
 
@@ -247,6 +249,8 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
         patches = torch.cat([decoded[:, 1:], fillers], dim=1)
         patches = torch.gather(patches, 1, restore.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
         decoded = torch.cat([decoded[:, :1], patches], dim=1) + self.decoder_pos_embed
+        if self.low_precision_residual:
+            decoded = to_autocast_dtype(decoded)
         for block in self.decoder_blocks:
             decoded = block(decoded)
         pred = self.mae_proj(self.decoder_norm(decoded))[:, 1:]  # (B, N, p*p*3)

@@ -21,6 +21,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.precision import to_autocast_dtype
+
 logger = logging.getLogger(__name__)
 
 DEIT_BASE_URL = "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth"
@@ -82,6 +84,7 @@ class VisionTransformer(nn.Module):
         )
         self.norm = norm_layer(embed_dim)
         self.gradient_checkpointing = False
+        self.low_precision_residual = False  # config bf16_residual (models/precision.py)
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_vit_weights)
@@ -97,6 +100,10 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         # Declared as the original, but (as there) the optimiser never asks the sub-module.
         return {"pos_embed", "cls_token"}
+
+    def _stream(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream's dtype: autocast's with ``low_precision_residual``, else as computed."""
+        return to_autocast_dtype(x) if self.low_precision_residual else x
 
     def _run_block(self, block: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
         if self.gradient_checkpointing and self.training:
@@ -122,15 +129,15 @@ class VisionTransformer(nn.Module):
         want_hidden = self.return_hidden_state if return_hidden_state is None else return_hidden_state
         x = self.patch_embed(image)  # (B, N, D), row-major over the grid
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = x + self.pos_embed[:, : x.shape[1]]
+        x = self._stream(x + self.pos_embed[:, : x.shape[1]])
         if external_features is not None:
             x = torch.cat([x, external_features.to(x.dtype)], dim=1)  # VC tokens: no position embedding
         hidden = []
         for block in self.blocks:
             x = self._run_block(block, x, attn_mask)
             if want_hidden:
-                hidden.append(self.norm(x))
-        x = self.norm(x)
+                hidden.append(self._stream(self.norm(x)))
+        x = self._stream(self.norm(x))
         if want_hidden:
             return x, tuple(hidden)
         return x
@@ -144,10 +151,10 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(image) + self.pos_embed[:, 1:]
         x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = self.cls_token + (self.pos_embed[:, :1] if cls_pos_embed else 0)
-        x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self._stream(torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1))
         for block in self.blocks:
             x = self._run_block(block, x, None)
-        return self.norm(x)
+        return self._stream(self.norm(x))
 
 
 def _init_vit_weights(module: nn.Module) -> None:

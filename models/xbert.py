@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models import losses
+from models.precision import to_autocast_dtype
 
 
 def attention_probabilities(queries: torch.Tensor, keys: torch.Tensor,
@@ -273,12 +274,14 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         # Persistent, as in transformers 4.8: every official checkpoint carries this key.
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0))
+        self.low_precision_residual = False  # config bf16_residual (models/precision.py)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[1]
         x = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids[:, :length])
         x = x + self.token_type_embeddings.weight[0]  # token_type_ids are always zero
-        return self.dropout(self.LayerNorm(x))
+        x = self.LayerNorm(x)
+        return self.dropout(to_autocast_dtype(x) if self.low_precision_residual else x)
 
 
 class BertSelfAttention(nn.Module):
@@ -356,9 +359,11 @@ class BertSelfOutput(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.low_precision_residual = False  # config bf16_residual (models/precision.py)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+        out = self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+        return to_autocast_dtype(out) if self.low_precision_residual else out
 
 
 class BertAttention(nn.Module):

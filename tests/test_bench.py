@@ -116,6 +116,8 @@ def test_cuda_check_script_passes_on_cpu(capsys):
     assert check_cuda.main(["--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)  # stdout holds the one JSON line and nothing else
     assert report["ok"] and set(report["exact_rewrites"]) == {"patch_embedding", "mlm_masked_rows", "image_rows_by_product", "ok"}
+    stream = report["bf16_step"]["bf16_residual"]  # the bf16 residual streams: close to fp32, yet not bf16's
+    assert stream["ok"] and stream["bf16_losses"] != report["bf16_step"]["bf16_losses"]
 
 
 def test_the_dropout_check_of_compiled_steps_flags_non_finite_gradients(vocab_tokenizer):

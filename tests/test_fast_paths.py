@@ -365,9 +365,14 @@ def _train_steps(model: nn.Module, batch, bf16: bool, steps: int = 2) -> tuple[l
     return history, first_grads
 
 
-def test_bf16_training_step_is_close_to_the_fp32_step(tokenizer):
+@pytest.mark.parametrize("bf16_residual", [False, True], ids=["fp32_stream", "bf16_stream"])
+def test_bf16_training_step_is_close_to_the_fp32_step(tokenizer, bf16_residual):
+    """bf16 autocast, with autocast's fp32 residual streams or (config bf16_residual) bf16 ones."""
+    from engine.trainer import configure_runtime
+
     reference = tiny_pretrain_model(tokenizer, dropout=False)
     low = copy.deepcopy(reference)
+    configure_runtime(low, {"bf16_residual": bf16_residual})
     batch = tiny_pretrain_batch(tokenizer)
     fp32_losses, fp32_grads = _train_steps(reference, batch, bf16=False)
     bf16_losses, bf16_grads = _train_steps(low, batch, bf16=True)
@@ -379,6 +384,50 @@ def test_bf16_training_step_is_close_to_the_fp32_step(tokenizer):
     assert cosine > 0.99, float(cosine)
     moved = [(p - q).abs().max() for p, q in zip(reference.parameters(), low.parameters())]
     assert max(moved) > 0  # the two runs really differ (bf16 was applied), yet stay close above
+
+
+def test_bf16_residual_keeps_every_encoder_stream_in_bf16_under_autocast_only(tokenizer):
+    """With config bf16_residual the ViT blocks (image and MAE encoder passes), the MAE decoder blocks and
+    every BERT layer (text, VC, fusion; online and momentum) take and give bf16 under bf16 autocast; the
+    off switch keeps autocast's fp32 streams, and without autocast the switch changes nothing (bit-equal
+    losses)."""
+    from timm.models.vision_transformer import Block
+
+    from engine.trainer import configure_runtime
+    from models.precision import set_low_precision_residual
+    from models.xbert import BertLayer
+
+    batch = tiny_pretrain_batch(tokenizer)
+    model = tiny_pretrain_model(tokenizer, dropout=False)
+    seen = []
+    for name, module in model.named_modules():
+        if isinstance(module, (Block, BertLayer)):
+            module.register_forward_hook(
+                lambda module, inputs, output, name=name: seen.append((name, inputs[0].dtype, output.dtype)))
+
+    def stream_dtypes(bf16_residual: bool) -> set:
+        configure_runtime(model, {"bf16_residual": bf16_residual})
+        seen.clear()
+        torch.manual_seed(0)
+        with autocast_context(torch.device("cpu"), True):
+            model(batch[0], (batch[1], batch[2]), alpha=0.4)
+        return {dtype for _, *dtypes in seen for dtype in dtypes}
+
+    assert stream_dtypes(True) == {torch.bfloat16}
+    layers = {name.split(".")[0] for name, *_ in seen}
+    assert {"visual_encoder", "visual_encoder_m", "decoder_blocks", "text_encoder", "text_encoder_m",
+            "kw_encoder", "kw_encoder_m"} <= layers
+    assert torch.float32 in stream_dtypes(False)
+
+    start = copy.deepcopy(model)  # a step moves the momentum weights and the queues: each run starts here
+
+    def fp32_losses(enabled: bool) -> list:
+        twin = copy.deepcopy(start)
+        assert set_low_precision_residual(twin, enabled) > 10  # ViTs, MAE decoder, BERT outputs/embeddings
+        torch.manual_seed(0)
+        return [float(v.detach()) for v in twin(batch[0], (batch[1], batch[2]), alpha=0.4).values()]
+
+    assert fp32_losses(True) == fp32_losses(False)
 
 
 # --- momentum update -----------------------------------------------------------------------------
