@@ -304,7 +304,7 @@ def train_with_dropout(tokenizer, device: torch.device, prepare: Callable[[nn.Mo
         if not finite:
             bad_steps.append(step)
         optimizer.step()
-        losses.append({k: float(v) for k, v in terms.items()})
+        losses.append({k: float(v.detach()) for k, v in terms.items()})
     return {"losses": losses, "non_finite_steps": bad_steps, "ok": not bad_steps}
 
 
