@@ -7,7 +7,9 @@ gradient to bf16 before each product. With ``bf16_residual`` the streams (the Vi
 decoder's from their input on, BERT's post-layer-norm hidden states) and the layer-norm outputs that
 feed them are kept in the autocast dtype; the layer norms still compute their statistics in fp32.
 This is Megatron-LM's default (its ``--fp32-residual-connection`` is off); the original keeps the fp32
-stream, and so does this code unless the key is set. Without autocast nothing changes.
+stream, and so does this code unless the key is set. Without autocast nothing changes. It is meant for
+compiled steps (``compile``), where inductor fuses the casts into the norm kernels; eagerly each norm
+gets two more cast kernels (bf16 -> fp32 in, fp32 -> bf16 out).
 """
 
 from __future__ import annotations
