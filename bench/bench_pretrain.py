@@ -457,8 +457,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         # A compile or capture failure is a result to report, not a crash of the benchmark suite.
         record = {"bench": "pretrain_step", "config": args.config, "device": args.device, "compile": args.compile,
                   "compile_mode": args.compile_mode, "cuda_graph": args.cuda_graph, "precision": args.precision,
-                  "batch_size": args.batch_size,
-                  "error": f"{type(error).__name__}: {str(error)[:800]}"}
+                  "batch_size": args.batch_size, "merge_text_passes": args.merge_text_passes,
+                  "bf16_residual": args.bf16_residual, "error": f"{type(error).__name__}: {str(error)[:800]}"}
         traceback.print_exc(file=sys.stderr)
     print(json.dumps(record), flush=True)
     return record
