@@ -141,6 +141,26 @@ def test_the_dropout_check_of_compiled_steps_flags_non_finite_gradients(vocab_to
     assert not poisoned["ok"] and poisoned["non_finite_steps"] == [1, 2]
 
 
+def test_gpu_suite_records_one_line_per_chosen_part_even_when_it_fails(tmp_path):
+    """bench/run_all_gpu.sh without a GPU: each part picked by BENCH_ONLY (opt-in groups switched on) runs
+    with its flags (BENCH_MODEL_FLAGS reaching the whole-model part), fails, and still appends its line
+    (part, rc, error) and its logs; parts not picked leave no line."""
+    import subprocess
+
+    parts = ["pretrain_bf16_compile_graph_b64_bf16_residual", "pretrain_bf16_compile_model_graph_b64"]
+    env = dict(os.environ, OUT=str(tmp_path), BENCH_AB="1", BENCH_COMPILE_MODEL="1", BENCH_ONLY=" ".join(parts),
+               BENCH_MODEL_FLAGS="--bf16_residual", BENCH_TOTAL_S="120", PYTHON=sys.executable,
+               CUDA_VISIBLE_DEVICES="")
+    subprocess.run(["bash", os.path.join(REPO, "bench", "run_all_gpu.sh")], env=env, check=True, timeout=300,
+                   capture_output=True)
+    lines = [json.loads(line) for line in (tmp_path / "bench_results.jsonl").read_text().splitlines()]
+    assert [line["part"] for line in lines] == parts
+    for line in lines:
+        assert line["rc"] != 0 and "error" in line and line["bf16_residual"] is True
+        assert (tmp_path / "bench_logs" / f"{line['part']}.err").is_file()
+    assert lines[1]["compile"] == "model" and lines[0]["compile"] == "blocks"
+
+
 def test_hashed_uniform_draws_are_uniform_exact_and_salted():
     first = check_cuda.hashed_uniform((100, 100), 3, "cpu")
     assert torch.equal(first, check_cuda.hashed_uniform((100, 100), 3, "cpu"))  # no generator involved
