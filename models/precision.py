@@ -12,6 +12,8 @@ compiled steps (``compile``), where inductor fuses the casts into the norm kerne
 gets two more cast kernels (bf16 -> fp32 in, fp32 -> bf16 out). Calling ``F.layer_norm`` on the bf16
 stream directly (one mixed-precision kernel) was tried and dropped: with PyTorch 2.14.1 on CPU its
 backward sums the weight and bias gradients in bf16 (a bias gradient over 36 rows off by up to 2.5 %).
+CPU autocast, unlike CUDA's, does not run layer norms in fp32, so there the bf16 streams do reach that
+kernel: the key is meant for GPUs (on CPU the bf16 step still stays within 1e-3 of the fp32 losses).
 """
 
 from __future__ import annotations
