@@ -292,19 +292,16 @@ def train_with_dropout(tokenizer, device: torch.device, prepare: Callable[[nn.Mo
     model.merge_text_passes = merge_text_passes
     prepare(model)
     optimizer = create_optimizer(tiny_config("Pretrain")["optimizer"], model)
-    image, caption, vc = make_batch(tokenizer, device)
+    runner = GraphedTrainStep(model, optimizer, pretrain_terms, bf16=False, enabled=False)  # the trainer's step
+    batch = make_batch(tokenizer, device)
     losses, bad_steps = [], []
     for step in range(steps):
         torch.manual_seed(200 + step)
-        terms = pretrain_terms(model, (image, caption, vc), 0.4)
-        optimizer.zero_grad(set_to_none=True)
-        sum(terms.values()).backward()
+        _, terms = runner(batch, 0.4)  # the step's gradients stay on the parameters until the next one
         finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-        finite = finite and all(torch.isfinite(value) for value in terms.values())
-        if not finite:
+        if not (finite and all(torch.isfinite(value) for value in terms.values())):
             bad_steps.append(step)
-        optimizer.step()
-        losses.append({k: float(v.detach()) for k, v in terms.items()})
+        losses.append({k: float(v) for k, v in terms.items()})
     return {"losses": losses, "non_finite_steps": bad_steps, "ok": not bad_steps}
 
 

@@ -30,9 +30,11 @@ class GroundingDataset(ImageRootDataset):
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"grounding mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode  # build_index reads it
         super().__init__(ann_files, transform, image_root, max_words, sep_token, randkw_p)
-        self.mode = mode
-        if mode == "train":
+
+    def build_index(self) -> None:
+        if self.mode == "train":
             self.img_ids = contiguous_ids([self._file_name(i) for i in range(len(self.ann))])
 
     def _file_name(self, index: int) -> str:

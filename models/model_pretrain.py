@@ -248,9 +248,8 @@ class ViCHAPretrain(ViCHABase, AlignmentMixin, MomentumMixin, QueueMixin):
         fillers = self.mask_token.to(decoded.dtype).expand(batch, num_patches - keep_count, -1)
         patches = torch.cat([decoded[:, 1:], fillers], dim=1)
         patches = torch.gather(patches, 1, restore.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        decoded = torch.cat([decoded[:, :1], patches], dim=1) + self.decoder_pos_embed
-        if self.low_precision_residual:
-            decoded = to_autocast_dtype(decoded)
+        decoded = to_autocast_dtype(torch.cat([decoded[:, :1], patches], dim=1) + self.decoder_pos_embed,
+                                    self.low_precision_residual)
         for block in self.decoder_blocks:
             decoded = block(decoded)
         pred = self.mae_proj(self.decoder_norm(decoded))[:, 1:]  # (B, N, p*p*3)

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 
-def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the autocast dtype when autocast is on for its device, else ``x`` unchanged."""
+def to_autocast_dtype(x: torch.Tensor, enabled: bool = True) -> torch.Tensor:
+    """``x`` in the autocast dtype when ``enabled`` and autocast is on for its device, else ``x``."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if enabled and torch.is_autocast_enabled(device_type):
         return x.to(torch.get_autocast_dtype(device_type))
     return x
 

@@ -101,10 +101,6 @@ class VisionTransformer(nn.Module):
         # Declared as the original, but (as there) the optimiser never asks the sub-module.
         return {"pos_embed", "cls_token"}
 
-    def _stream(self, x: torch.Tensor) -> torch.Tensor:
-        """The residual stream's dtype: autocast's with ``low_precision_residual``, else as computed."""
-        return to_autocast_dtype(x) if self.low_precision_residual else x
-
     def _run_block(self, block: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
         if self.gradient_checkpointing and self.training:
             return checkpoint(block, x, attn_mask, use_reentrant=False)
@@ -129,15 +125,15 @@ class VisionTransformer(nn.Module):
         want_hidden = self.return_hidden_state if return_hidden_state is None else return_hidden_state
         x = self.patch_embed(image)  # (B, N, D), row-major over the grid
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self._stream(x + self.pos_embed[:, : x.shape[1]])
+        x = to_autocast_dtype(x + self.pos_embed[:, : x.shape[1]], self.low_precision_residual)
         if external_features is not None:
             x = torch.cat([x, external_features.to(x.dtype)], dim=1)  # VC tokens: no position embedding
         hidden = []
         for block in self.blocks:
             x = self._run_block(block, x, attn_mask)
             if want_hidden:
-                hidden.append(self._stream(self.norm(x)))
-        x = self._stream(self.norm(x))
+                hidden.append(to_autocast_dtype(self.norm(x), self.low_precision_residual))
+        x = to_autocast_dtype(self.norm(x), self.low_precision_residual)
         if want_hidden:
             return x, tuple(hidden)
         return x
@@ -151,10 +147,10 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(image) + self.pos_embed[:, 1:]
         x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = self.cls_token + (self.pos_embed[:, :1] if cls_pos_embed else 0)
-        x = self._stream(torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1))
+        x = to_autocast_dtype(torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1), self.low_precision_residual)
         for block in self.blocks:
             x = self._run_block(block, x, None)
-        return self._stream(self.norm(x))
+        return to_autocast_dtype(self.norm(x), self.low_precision_residual)
 
 
 def _init_vit_weights(module: nn.Module) -> None:

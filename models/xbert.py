@@ -280,8 +280,7 @@ class BertEmbeddings(nn.Module):
         length = input_ids.shape[1]
         x = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids[:, :length])
         x = x + self.token_type_embeddings.weight[0]  # token_type_ids are always zero
-        x = self.LayerNorm(x)
-        return self.dropout(to_autocast_dtype(x) if self.low_precision_residual else x)
+        return self.dropout(to_autocast_dtype(self.LayerNorm(x), self.low_precision_residual))
 
 
 class BertSelfAttention(nn.Module):
@@ -363,7 +362,7 @@ class BertSelfOutput(nn.Module):
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         out = self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
-        return to_autocast_dtype(out) if self.low_precision_residual else out
+        return to_autocast_dtype(out, self.low_precision_residual)
 
 
 class BertAttention(nn.Module):
