@@ -35,6 +35,8 @@ __all__ = [
     "concat_all_gather",
     "all_reduce_sum",
     "seed_everything",
+    "rng_state",
+    "set_rng_state",
     "SmoothedValue",
     "MetricLogger",
     "AttrDict",
@@ -201,6 +203,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's random generator states (Python, NumPy, torch CPU and the current CUDA device) as
+    tensors, numbers and tuples, so a checkpoint holding them still loads with ``weights_only=True``;
+    ``set_rng_state`` restores them."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {"python": random.getstate(),
+                             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
+                                       float(cached_gaussian)),
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` returned; a CUDA state is skipped when this process has no GPU."""
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 # ----------------------------------------------------------------------------------------------------
 # metric logging
 
@@ -257,6 +283,18 @@ class SmoothedValue:
         dist.all_reduce(t)
         self._count = int(t[0].item())
         self._total = t[1].item()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Window and running totals, for a mid-epoch checkpoint (``load_state_dict`` restores them)."""
+        self._flush()
+        return {"window": list(self.deque), "total": self._total, "count": self._count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending.clear()
+        self.deque.clear()
+        self.deque.extend(state["window"])
+        self._total = float(state["total"])
+        self._count = int(state["count"])
 
     @property
     def count(self) -> int:
@@ -332,6 +370,15 @@ class MetricLogger:
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
         self.meters[name] = meter
 
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """Every meter's window and totals (this process's, not yet summed over processes)."""
+        return {name: meter.state_dict() for name, meter in self.meters.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
+        """Continue the meters of ``state`` (a resumed epoch's averages then cover the whole epoch)."""
+        for name, meter_state in state.items():
+            self.meters[name].load_state_dict(meter_state)
+
     def synchronize_between_processes(self) -> None:
         """Sum every meter's count and total over processes in one all-reduce; no-op in one process.
 
@@ -349,14 +396,16 @@ class MetricLogger:
             self.meters[name]._count = int(values[2 * i])
             self.meters[name]._total = values[2 * i + 1]
 
-    def log_every(self, iterable: Iterable, print_freq: int, header: str | None = None) -> Iterator:
+    def log_every(self, iterable: Iterable, print_freq: int, header: str | None = None, start: int = 0) -> Iterator:
         """Yield from ``iterable``; print progress at every ``print_freq``-th iteration and at the last.
 
         Line: ``header [i/N] eta: H:MM:SS <meters> time: <avg s/it> data: <avg s> max mem: <MB>``
-        (``max mem`` on CUDA only), then ``header Total time: H:MM:SS (x s / it)``.
+        (``max mem`` on CUDA only), then ``header Total time: H:MM:SS (x s / it)``. ``start``: the
+        iterations already done before ``iterable``'s first item (a resumed epoch), so i and N count
+        the whole epoch.
         """
         header = header or ""
-        n = len(iterable)
+        n = start + len(iterable)
         iter_time = SmoothedValue(fmt="{avg:.4f}")
         data_time = SmoothedValue(fmt="{avg:.4f}")
         parts = [header, "[{0:" + str(len(str(n))) + "d}/{1}]", "eta: {eta}", "{meters}", "time: {time}",
@@ -364,8 +413,8 @@ class MetricLogger:
         if torch.cuda.is_available():
             parts.append("max mem: {memory:.0f}")
         line = self.delimiter.join(parts)
-        start = end = time.time()
-        for i, obj in enumerate(iterable):
+        started = end = time.time()
+        for i, obj in enumerate(iterable, start=start):
             data_time.update(time.time() - end)
             yield obj
             iter_time.update(time.time() - end)
@@ -375,9 +424,9 @@ class MetricLogger:
                 fields = dict(eta=str(eta), meters=str(self), time=str(iter_time), data=str(data_time))
                 print(line.format(i, n, memory=memory, **fields))
             end = time.time()
-        total = time.time() - start
+        total = time.time() - started
         total_str = str(datetime.timedelta(seconds=int(total)))
-        print(f"{header} Total time: {total_str} ({total / max(n, 1):.4f} s / it)")
+        print(f"{header} Total time: {total_str} ({total / max(n - start, 1):.4f} s / it)")
 
 
 # ----------------------------------------------------------------------------------------------------

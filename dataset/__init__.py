@@ -6,8 +6,9 @@ Scripts call `resolve_paths` on their config, then `create_dataset`, `create_sam
 
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -26,7 +27,7 @@ from .vqa_dataset import VQADataset
 
 __all__ = [
     "AnnotationDataset", "AnnotationError", "CLIP_MEAN", "CLIP_STD", "GroundingDataset", "NLVRDataset",
-    "PretrainDataset", "RetrievalEvalDataset", "RetrievalTrainDataset", "VEDataset", "VE_LABELS",
+    "PretrainDataset", "ResumableSampler", "RetrievalEvalDataset", "RetrievalTrainDataset", "VEDataset", "VE_LABELS",
     "VQADataset", "build_transform", "build_vc_string", "create_dataset", "create_loader",
     "create_sampler", "load_image", "load_json", "pre_caption", "pre_question", "resolve_paths",
     "rewrite_pretrain_path", "vqa_collate_fn",
@@ -164,27 +165,52 @@ def create_dataset(name: str, config: dict, data_dir: str | None = None) -> Data
     return build(config, config["image_res"], _vc_options(config), data_dir)
 
 
+class ResumableSampler(DistributedSampler):
+    """A `DistributedSampler` that can start an epoch part-way: ``start_at(n)`` skips the first ``n``
+    indices of this rank's order for the current epoch (a run resumed from a mid-epoch checkpoint), without
+    loading them; ``set_epoch`` starts the next epoch from its beginning again."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.start_index = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.start_index = 0
+
+    def start_at(self, index: int) -> None:
+        if not 0 <= index <= self.num_samples:
+            raise ValueError(f"cannot start the epoch at sample {index}: this rank has {self.num_samples} samples")
+        self.start_index = index
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start_index, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_index
+
+
 def create_sampler(
     datasets: Sequence[Dataset | None],
     shuffles: Sequence[bool | None],
     num_replicas: int,
     rank: int,
     seed: int = 0,
-) -> list[DistributedSampler | None]:
-    """One `DistributedSampler` per dataset, also for a single process (`num_replicas=1`).
+) -> list[ResumableSampler | None]:
+    """One `ResumableSampler` (a `DistributedSampler`) per dataset, also for a single process (`num_replicas=1`).
 
     Always using it makes `set_epoch(epoch)` give the same order per epoch whether or not the run
     is distributed, so a resumed run replays the same order. A None dataset or a None shuffle flag
     gives no sampler (retrieval val/test: every rank loads the whole set). Non-shuffling samplers
     pad with repeated items to a multiple of `num_replicas`, as the original.
     """
-    samplers: list[DistributedSampler | None] = []
+    samplers: list[ResumableSampler | None] = []
     for dataset, shuffle in zip(datasets, shuffles, strict=True):
         if dataset is None or shuffle is None:
             samplers.append(None)
         else:
             samplers.append(
-                DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+                ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
             )
     return samplers
 

@@ -62,6 +62,10 @@ def build_parser(description: str, config: str, output_dir: str, data_json_dir: 
     parser.add_argument("--dist_url", default="env://", help="process-group rendezvous")
     parser.add_argument("--distributed", action=BoolFlag, default=True,
                         help="overwritten by the launcher's environment")
+    # torch.distributed.launch without --use_env passes --local-rank=N (--local_rank before PyTorch 2.0); the
+    # rank is read from LOCAL_RANK, which every launcher sets, so the flag is accepted and not used.
+    parser.add_argument("--local-rank", "--local_rank", dest="launcher_local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
     parser.add_argument("--data_json_dir", default=data_json_dir, help="folder of the annotation JSON files")
     parser.add_argument("--data_dir", default=DEMO_DATA_DIR, help="folder the image paths are relative to")
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",

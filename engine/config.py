@@ -118,6 +118,8 @@ _TOP: dict[str, _Key] = {
     "eval_ema": _Key("bool", False, "NLVR: unused"),
     "save_step": _Key("int", None, "Pretrain: also keep checkpoint_%02d.pth every save_step epochs"),
     "avoid_optim": _Key("bool", False, "Pretrain --resume: do not restore the optimizer state"),
+    "save_every_steps": _Key("int", 0, "also write checkpoint_last.pth every N training steps within an epoch "
+                             "(--resume then continues at the next step); 0 = at epoch ends only (the original)"),
     "multinodes": _Key("bool", False, "unused (mentioned only in commented-out upstream code)"),
     # ---- additions: model sizes (tiny demo configs) ----
     "patch_size": _Key("int", 16, "ViT patch side in pixels"),

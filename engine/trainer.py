@@ -14,7 +14,8 @@ import datetime
 import json
 import os
 import time
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -67,12 +68,29 @@ class NonFiniteGuard:
             ) from cause
 
 
+@dataclass
+class MidEpochStart:
+    """Where a resumed epoch continues: ``step`` training steps were done, and (when the run has as many
+    processes as the one that saved it) this process's random generator and meter states at that point."""
+
+    step: int
+    rank_state: Optional[dict] = None
+
+
+# (epoch, steps done, the epoch's MetricLogger) -> None; writes a mid-epoch checkpoint.
+MidEpochSaver = Callable[[int, int, utils.MetricLogger], None]
+
+
 def train_one_epoch(task: Task, model: nn.Module, loader, optimizer, scheduler, epoch: int, config: dict,
-                    device: torch.device, train_step: Optional[GraphedTrainStep] = None) -> dict[str, str]:
+                    device: torch.device, train_step: Optional[GraphedTrainStep] = None,
+                    start: Optional[MidEpochStart] = None, save_mid_epoch: Optional[MidEpochSaver] = None,
+                    ) -> dict[str, str]:
     """One epoch; returns the meters' global averages formatted as the original's log strings.
 
     ``train_step`` runs forward, backward and the optimizer (``build_train_step``: eager, or captured in
-    a CUDA graph with ``cuda_graph``); by default an eager one is built for this epoch.
+    a CUDA graph with ``cuda_graph``); by default an eager one is built for this epoch. ``start``
+    continues the epoch after the steps a mid-epoch checkpoint holds (the loader's sampler skips their
+    samples without loading them); ``save_mid_epoch`` is called every ``save_every_steps`` steps.
     """
     model.train()
     if train_step is None:
@@ -81,10 +99,22 @@ def train_one_epoch(task: Task, model: nn.Module, loader, optimizer, scheduler, 
     logger.add_meter("lr", utils.SmoothedValue(window_size=task.meter_window, fmt="{value:.6f}"))
     warmup_epochs = config["schedular"]["warmup_epochs"]
     iterations = len(loader)
+    first_step = start.step if start else 0
+    if first_step:
+        loader.sampler.start_at(first_step * loader.batch_size)
+    # Made here, before any state is restored: the loader draws its workers' base seed from the epoch's
+    # stream, as in an uninterrupted epoch.
+    batches = iter(loader)
+    if start and start.rank_state:
+        utils.set_rng_state(start.rank_state["rng"])
+        logger.load_state_dict(start.rank_state["meters"])
+    save_every = get_option(config, "save_every_steps") or 0
+    if save_every < 0:
+        raise ValueError(f"config key save_every_steps is {save_every}; expected 0 (off) or a number of steps")
     print_freq = get_option(config, "print_freq")
     guard = NonFiniteGuard()
     header = f"Train Epoch: [{epoch}]"
-    for step, batch in enumerate(logger.log_every(loader, print_freq, header)):
+    for step, batch in enumerate(logger.log_every(batches, print_freq, header, start=first_step), start=first_step):
         batch = to_device(batch, device)
         alpha = task.alpha(config, epoch, step, iterations)
         try:
@@ -101,6 +131,9 @@ def train_one_epoch(task: Task, model: nn.Module, loader, optimizer, scheduler, 
             scheduler.step(due)
         if (step + 1) % print_freq == 0:
             guard.check(epoch)
+        if save_mid_epoch and save_every and (step + 1) % save_every == 0 and step + 1 < iterations:
+            guard.check(epoch)  # never save weights that a non-finite loss has touched
+            save_mid_epoch(epoch, step + 1, logger)
     guard.check(epoch)
     logger.synchronize_between_processes()
     print("Averaged stats:", logger.global_avg())
@@ -161,14 +194,40 @@ def load_initial_weights(task: Task, args: argparse.Namespace, config: dict, mod
             for group in optimizer.param_groups:  # a cuda_graph run saves True; this run decides again
                 group["capturable"] = optimizer.defaults.get("capturable", False)
         scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        state = {k: checkpoint[k] for k in ("best", "best_epoch") if k in checkpoint}
+        if checkpoint.get("step"):  # written part-way through that epoch (save_every_steps)
+            print(f"resumed from {args.checkpoint} (epoch {checkpoint['epoch']}, after step {checkpoint['step']})")
+            state.update({k: checkpoint.get(k) for k in ("step", "epoch_steps", "rank_states")})
+            return checkpoint["epoch"], state
         print(f"resumed from {args.checkpoint} (epoch {checkpoint['epoch']})")
-        return checkpoint["epoch"] + 1, {k: checkpoint[k] for k in ("best", "best_epoch") if k in checkpoint}
+        return checkpoint["epoch"] + 1, state
     report: LoadReport
     report, _ = load_checkpoint(model, args.checkpoint, task.name, training=not getattr(args, "evaluate", False),
                                 distill=config.get("distill", True))
     task.check_load_report(report, args.checkpoint, model)
     print(f"loaded {args.checkpoint}: {report.summary()}")
     return 0, {}
+
+
+def _mid_epoch_start(state: dict, epoch: int, epoch_steps: int) -> Optional[MidEpochStart]:
+    """Where the resumed ``epoch`` continues, from the ``state`` of ``load_initial_weights``; None when the
+    checkpoint was written at an epoch's end. A checkpoint from a run with another number of steps per
+    epoch (other batch size, data or number of processes) restarts the epoch from its first step: its
+    samples cannot be mapped onto this run's order."""
+    step = state.get("step")
+    if not step:
+        return None
+    if state.get("epoch_steps") != epoch_steps or step >= epoch_steps:
+        print(f"warning: the mid-epoch checkpoint was written after step {step} of {state.get('epoch_steps')} of "
+              f"epoch {epoch}, but this run has {epoch_steps} steps per epoch (another batch size, data or number "
+              f"of processes): epoch {epoch} restarts from its first step")
+        return None
+    rank_states = state.get("rank_states") or []
+    if len(rank_states) != utils.get_world_size():
+        print(f"warning: the mid-epoch checkpoint holds the random states of {len(rank_states)} processes, this run "
+              f"has {utils.get_world_size()}: the epoch continues at step {step} with fresh random streams")
+        return MidEpochStart(step)
+    return MidEpochStart(step, rank_states[utils.get_rank()])
 
 
 COMPILE_MODES = ("none", "blocks", "model")
@@ -278,7 +337,22 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
     evaluate_only = getattr(args, "evaluate", False)
     best, best_epoch = state.get("best", 0.0), state.get("best_epoch", 0)
     log_path = os.path.join(args.output_dir, "log.txt")
+    last_path = os.path.join(args.output_dir, "checkpoint_last.pth")
     record: dict[str, Any] = {}
+    mid_epoch_start = None if evaluate_only else _mid_epoch_start(state, start_epoch, len(loaders["train"]))
+
+    def save_mid_epoch(epoch: int, steps_done: int, logger: utils.MetricLogger) -> None:
+        """checkpoint_last.pth after ``steps_done`` steps of ``epoch``, with every process's random
+        generator and meter states, so that ``--resume`` continues with the next step."""
+        rank_states = utils.all_gather_object({"rng": utils.rng_state(), "meters": logger.state_dict()})
+        if utils.is_main_process():
+            extra = {"step": steps_done, "epoch_steps": len(loaders["train"]), "rank_states": rank_states}
+            if task.checkpoint_policy == "best":
+                extra.update(best=best, best_epoch=best_epoch)
+            utils.atomic_save(_checkpoint_payload(model_without_ddp, optimizer, scheduler, config, epoch, extra),
+                              last_path)
+            print(f"saved {last_path} (epoch {epoch}, step {steps_done}, random states of {len(rank_states)} "
+                  "processes)")
     start_time = time.time()
     print(f"start {'evaluation' if evaluate_only else 'training'} (epochs {start_epoch}..{epochs - 1})")
     for epoch in range(start_epoch, epochs):
@@ -289,7 +363,8 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
         if not evaluate_only:
             loaders["train"].sampler.set_epoch(epoch)
             train_stats = train_one_epoch(task, model, loaders["train"], optimizer, scheduler, epoch, config, device,
-                                          train_step)
+                                          train_step, start=mid_epoch_start if epoch == start_epoch else None,
+                                          save_mid_epoch=save_mid_epoch)
         metrics = task.evaluate(model_without_ddp, loaders, config, args, epoch, device)
         record = {**{f"train_{k}": v for k, v in train_stats.items()}, **metrics, "epoch": epoch}
         if utils.is_main_process():
@@ -301,7 +376,7 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
                     best, best_epoch = selection, epoch
                 extra = {"best": best, "best_epoch": best_epoch} if task.checkpoint_policy == "best" else {}
                 payload = _checkpoint_payload(model_without_ddp, optimizer, scheduler, config, epoch, extra)
-                utils.atomic_save(payload, os.path.join(args.output_dir, "checkpoint_last.pth"))
+                utils.atomic_save(payload, last_path)
                 if improved:
                     utils.atomic_save(payload, os.path.join(args.output_dir, "checkpoint_best.pth"))
                 save_step = config.get("save_step")

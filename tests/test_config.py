@@ -285,6 +285,17 @@ def test_boolean_flags_accept_the_original_spelling_and_mean_what_they_say(capsy
     assert "--resume takes true or false, not 'maybe'" in capsys.readouterr().err
 
 
+def test_the_launchers_local_rank_flag_is_accepted() -> None:
+    """python -m torch.distributed.launch without --use_env appends --local-rank=N (older PyTorch:
+    --local_rank=N); the rank comes from LOCAL_RANK, so the flag must only not be an error."""
+    from engine.cli import build_parser
+
+    parser = build_parser("test", config="c.yaml", output_dir="out", data_json_dir="json")
+    for flag in ("--local-rank=1", "--local_rank=1"):
+        assert parser.parse_args(["--config", "x.yaml", flag]).config == "x.yaml"
+    assert "--local" not in parser.format_help()  # hidden
+
+
 def test_every_declared_key_is_listed_with_its_default_and_meaning():
     from engine.config import KNOWN_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS, describe_keys
 

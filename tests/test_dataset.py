@@ -468,6 +468,31 @@ def test_create_sampler_is_distributed_and_deterministic(demo):
     assert create_sampler([None], [True], 1, 0) == [None]
 
 
+def test_resumable_sampler_skips_what_a_mid_epoch_checkpoint_did(demo):
+    """start_at(k * batch) leaves this rank's order after its first k batches; with 2 processes the
+    skipped samples are the first 2 k batch positions of the epoch's global order, so a run with the same
+    global batch continues where any layout stopped. set_epoch starts the next epoch from its beginning."""
+    train = create_dataset("ve", _config("VE", demo))[0]
+    sampler = create_sampler([train], [True], 1, 0, seed=3)[0]
+    sampler.set_epoch(1)
+    order = list(sampler)
+    sampler.start_at(4)
+    assert list(sampler) == order[4:] and len(sampler) == len(order) - 4
+    loader = create_loader([train], [sampler], [2], [0], [True], [None])[0]
+    assert len(loader) == (len(order) - 4) // 2
+    sampler.set_epoch(1)
+    assert list(sampler) == order
+    with pytest.raises(ValueError, match="cannot start the epoch at sample"):
+        sampler.start_at(len(order) + 1)
+    ranks = create_sampler([train, train], [True, True], 2, 0, seed=3)
+    ranks[1] = create_sampler([train], [True], 2, 1, seed=3)[0]
+    for rank_sampler in ranks:
+        rank_sampler.set_epoch(1)
+        rank_sampler.start_at(2)
+    assert len(order) == 9  # 2 processes pad the order to 10 with its first item
+    assert sorted(list(ranks[0]) + list(ranks[1])) == sorted(order[4:] + order[:1])
+
+
 def test_create_loader_batches(demo):
     train, test = create_dataset("vqa", _config("VQA", demo))
     samplers = create_sampler([train, test], [True, False], 1, 0)

@@ -52,6 +52,57 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(demo_data, tmp_pat
     assert read_log(resumed) == [expected]
 
 
+def test_mid_epoch_checkpoint_resumes_at_the_next_step(demo_data, tmp_path, monkeypatch):
+    """save_every_steps: a run that crashes part-way through epoch 0 resumes from its last mid-epoch checkpoint
+    and ends with the log and weights of an uninterrupted run (CPU, no loader workers: the same data order,
+    random draws, warm-up steps, alpha ramp and epoch averages)."""
+    import engine.trainer
+
+    def flags(out):  # 8 steps of 32 per epoch; mid-epoch checkpoints after steps 3 and 6
+        return demo_flags(demo_data, "json_pretrain", str(out), CONFIG) + [
+            "schedular.epochs=2", "batch_size=32", "save_every_steps=3", "schedular.warmup_epochs=1"]
+
+    full = tmp_path / "full"
+    Pretrain.main(flags(full))
+    crashed = tmp_path / "crashed"
+    step = engine.trainer.GraphedTrainStep.__call__
+    calls = []
+
+    def crash_at_step_5(self, *args):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("simulated crash")
+        return step(self, *args)
+
+    monkeypatch.setattr(engine.trainer.GraphedTrainStep, "__call__", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Pretrain.main(flags(crashed))
+    monkeypatch.setattr(engine.trainer.GraphedTrainStep, "__call__", step)
+    saved = torch.load(crashed / "checkpoint_last.pth", map_location="cpu", weights_only=True)
+    assert (saved["epoch"], saved["step"], saved["epoch_steps"], len(saved["rank_states"])) == (0, 3, 8, 1)
+    assert not (crashed / "log.txt").exists()
+
+    Pretrain.main(flags(crashed) + ["--checkpoint", str(crashed / "checkpoint_last.pth"), "--resume"])
+    assert read_log(crashed) == read_log(full)
+    resumed = torch.load(crashed / "checkpoint_last.pth", map_location="cpu", weights_only=False)
+    expected = torch.load(full / "checkpoint_last.pth", map_location="cpu", weights_only=False)
+    assert "step" not in resumed and resumed["epoch"] == expected["epoch"] == 1
+    for name, value in expected["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_mid_epoch_start_falls_back_when_the_run_layout_changed(capsys):
+    from engine.trainer import MidEpochStart, _mid_epoch_start
+
+    saved = {"step": 3, "epoch_steps": 8, "rank_states": [{"rng": "r0", "meters": {}}]}
+    assert _mid_epoch_start({}, 1, 8) is None  # an epoch-end checkpoint
+    assert _mid_epoch_start(saved, 1, 8) == MidEpochStart(3, {"rng": "r0", "meters": {}})
+    assert _mid_epoch_start(saved, 1, 16) is None  # another batch size: the epoch restarts
+    assert "this run has 16 steps per epoch" in capsys.readouterr().out
+    assert _mid_epoch_start({**saved, "rank_states": [{}, {}]}, 1, 8) == MidEpochStart(3)
+    assert "random states of 2 processes, this run has 1" in capsys.readouterr().out
+
+
 def test_missing_image_names_the_file(demo_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)

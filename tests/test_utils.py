@@ -35,7 +35,9 @@ from utils import (
     get_world_size,
     init_distributed_mode,
     is_main_process,
+    rng_state,
     seed_everything,
+    set_rng_state,
     setup_for_distributed,
 )
 
@@ -106,6 +108,39 @@ def test_log_every_format(capsys: pytest.CaptureFixture, restore_print: None) ->
     assert re.match(pattern.format(i=4, median="2.0000", avg="2.0000"), lines[2]), lines[2]
     total = r"Train Epoch: \[0\] Total time: \d+:\d\d:\d\d \(\d+\.\d{4} s / it\)$"
     assert re.match(total, lines[3]), lines[3]
+
+
+def test_log_every_counts_a_resumed_epoch_from_its_start(capsys: pytest.CaptureFixture, restore_print: None) -> None:
+    setup_for_distributed(True)
+    logger = MetricLogger(delimiter="  ")
+    assert list(logger.log_every(range(3), print_freq=2, header="E", start=5)) == [0, 1, 2]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [re.match(r"E  \[(\d)/8\]", line).group(1) for line in lines[:-1]] == ["6", "7"]
+
+
+def test_meter_state_continues_the_averages() -> None:
+    logger = MetricLogger()
+    for value in (1.0, 2.0, 6.0):
+        logger.update(loss=torch.tensor(value))
+    saved = logger.state_dict()
+    resumed = MetricLogger()
+    resumed.add_meter("loss", SmoothedValue(window_size=2))
+    resumed.load_state_dict(saved)
+    resumed.update(loss=3.0)
+    assert resumed.loss.global_avg == 3.0 and resumed.loss.count == 4
+    assert resumed.loss.median == 3.0  # window of 2: (6, 3), median takes the lower
+
+
+def test_rng_state_round_trip_through_a_weights_only_load() -> None:
+    seed_everything(5)
+    np.random.randn()  # leaves a cached Gaussian in NumPy's state
+    buffer = io.BytesIO()
+    torch.save({"rng": rng_state()}, buffer)
+    first = (random.random(), np.random.randn(), np.random.rand(), torch.rand(2).tolist())
+    seed_everything(6)
+    buffer.seek(0)
+    set_rng_state(torch.load(buffer, weights_only=True)["rng"])
+    assert (random.random(), np.random.randn(), np.random.rand(), torch.rand(2).tolist()) == first
 
 
 def test_print_silenced_on_non_master(restore_print: None) -> None:
