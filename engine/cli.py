@@ -3,7 +3,8 @@
 The original used ``type=bool``, so its commands spell ``--resume True`` (and ``--resume False`` meant
 True). Here a boolean flag takes ``--x``, ``--x true|false`` (also yes/no, 1/0) or ``--no-x``, so the
 original's command lines keep working and ``False`` means false. Extra flags: ``--override key=value``
-(any config key, validated), ``--bf16``, ``--grad_checkpointing``, ``--cuda_graph``, ``--compile``.
+(any config key, validated), ``--bf16``, ``--grad_checkpointing``, ``--cuda_graph``, ``--compile``,
+``--auto_resume``.
 Defaults are shown by ``--help``.
 """
 
@@ -50,7 +51,12 @@ def build_parser(description: str, config: str, output_dir: str, data_json_dir: 
     parser.add_argument("--checkpoint", default="", help="checkpoint to start from (or resume, with --resume)")
     if resume:
         parser.add_argument("--resume", action=BoolFlag, default=False,
-                            help="continue --checkpoint's run: weights, optimizer, scheduler, next epoch")
+                            help="continue --checkpoint's run: weights, optimizer, scheduler, next epoch (or next "
+                                 "step of a mid-epoch checkpoint, config key save_every_steps)")
+        parser.add_argument("--auto_resume", action=BoolFlag, default=False,
+                            help="if --output_dir holds checkpoint_last.pth, resume from it (in place of "
+                                 "--checkpoint); else start as without: one command for a first run and its "
+                                 "requeues on a preemptible cluster")
     if evaluate:
         parser.add_argument("--evaluate", action="store_true", help="evaluate --checkpoint only, no training")
     parser.add_argument("--text_encoder", default="bert-base-uncased",

@@ -209,6 +209,21 @@ def load_initial_weights(task: Task, args: argparse.Namespace, config: dict, mod
     return 0, {}
 
 
+def apply_auto_resume(args: argparse.Namespace) -> None:
+    """``--auto_resume``: point ``--checkpoint`` and ``--resume`` at ``--output_dir``'s checkpoint_last.pth
+    when a previous run of this command left one (training only)."""
+    if not getattr(args, "auto_resume", False) or getattr(args, "evaluate", False):
+        return
+    last = os.path.join(args.output_dir, "checkpoint_last.pth")
+    if os.path.isfile(last):
+        print(f"--auto_resume: resuming from {last}" + (f" (not --checkpoint {args.checkpoint})" if args.checkpoint
+                                                        else ""))
+        args.checkpoint, args.resume = last, True
+    else:
+        print(f"--auto_resume: no {last} yet, starting " + (f"from {args.checkpoint}" if args.checkpoint
+                                                            else "from the initial weights"))
+
+
 def _mid_epoch_start(state: dict, epoch: int, epoch_steps: int) -> Optional[MidEpochStart]:
     """Where the resumed ``epoch`` continues, from the ``state`` of ``load_initial_weights``; None when the
     checkpoint was written at an epoch's end. A checkpoint from a run with another number of steps per
@@ -321,6 +336,7 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
 
     optimizer = create_optimizer(config["optimizer"], model)
     scheduler, _ = create_scheduler(config["schedular"], optimizer)
+    apply_auto_resume(args)
     start_epoch, state = load_initial_weights(task, args, config, model, optimizer, scheduler)
     model_without_ddp = model
     if args.distributed:
@@ -353,6 +369,9 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
                               last_path)
             print(f"saved {last_path} (epoch {epoch}, step {steps_done}, random states of {len(rank_states)} "
                   "processes)")
+    if start_epoch >= epochs and not evaluate_only:
+        print(f"nothing to train: {args.checkpoint} ends epoch {start_epoch - 1} of {epochs} (schedular.epochs)")
+        return record
     start_time = time.time()
     print(f"start {'evaluation' if evaluate_only else 'training'} (epochs {start_epoch}..{epochs - 1})")
     for epoch in range(start_epoch, epochs):

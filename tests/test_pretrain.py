@@ -64,6 +64,8 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_step(demo_data, tmp_path, monk
 
     full = tmp_path / "full"
     Pretrain.main(flags(full))
+    # the crashed run and its restart are one command: --auto_resume starts afresh, then resumes
+    auto = ["--auto_resume"]
     crashed = tmp_path / "crashed"
     step = engine.trainer.GraphedTrainStep.__call__
     calls = []
@@ -76,19 +78,41 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_step(demo_data, tmp_path, monk
 
     monkeypatch.setattr(engine.trainer.GraphedTrainStep, "__call__", crash_at_step_5)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        Pretrain.main(flags(crashed))
+        Pretrain.main(flags(crashed) + auto)
     monkeypatch.setattr(engine.trainer.GraphedTrainStep, "__call__", step)
     saved = torch.load(crashed / "checkpoint_last.pth", map_location="cpu", weights_only=True)
     assert (saved["epoch"], saved["step"], saved["epoch_steps"], len(saved["rank_states"])) == (0, 3, 8, 1)
     assert not (crashed / "log.txt").exists()
 
-    Pretrain.main(flags(crashed) + ["--checkpoint", str(crashed / "checkpoint_last.pth"), "--resume"])
+    Pretrain.main(flags(crashed) + auto)
     assert read_log(crashed) == read_log(full)
     resumed = torch.load(crashed / "checkpoint_last.pth", map_location="cpu", weights_only=False)
     expected = torch.load(full / "checkpoint_last.pth", map_location="cpu", weights_only=False)
     assert "step" not in resumed and resumed["epoch"] == expected["epoch"] == 1
     for name, value in expected["model"].items():
         torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=0, msg=name)
+    Pretrain.main(flags(crashed) + auto)  # a requeue of the finished run trains nothing and logs nothing
+    assert read_log(crashed) == read_log(full)
+
+
+def test_auto_resume_takes_the_output_dirs_last_checkpoint_when_training(tmp_path):
+    from argparse import Namespace
+
+    from engine.trainer import apply_auto_resume
+
+    def args(**extra):
+        return Namespace(output_dir=str(tmp_path), checkpoint="pretrained.pth", resume=False, auto_resume=True,
+                         **extra)
+
+    first = args()
+    apply_auto_resume(first)  # nothing saved yet: start from --checkpoint
+    assert (first.checkpoint, first.resume) == ("pretrained.pth", False)
+    (tmp_path / "checkpoint_last.pth").write_bytes(b"")
+    requeued, evaluation = args(), args(evaluate=True)
+    apply_auto_resume(requeued)
+    apply_auto_resume(evaluation)
+    assert (requeued.checkpoint, requeued.resume) == (str(tmp_path / "checkpoint_last.pth"), True)
+    assert (evaluation.checkpoint, evaluation.resume) == ("pretrained.pth", False)
 
 
 def test_mid_epoch_start_falls_back_when_the_run_layout_changed(capsys):
