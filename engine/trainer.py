@@ -211,11 +211,12 @@ def load_initial_weights(task: Task, args: argparse.Namespace, config: dict, mod
 
 def apply_auto_resume(args: argparse.Namespace) -> None:
     """``--auto_resume``: point ``--checkpoint`` and ``--resume`` at ``--output_dir``'s checkpoint_last.pth
-    when a previous run of this command left one (training only)."""
+    when a previous run of this command left one (training only). Rank 0 decides for every process, so
+    that they all resume or all start afresh (a process that cannot read the file then says so)."""
     if not getattr(args, "auto_resume", False) or getattr(args, "evaluate", False):
         return
     last = os.path.join(args.output_dir, "checkpoint_last.pth")
-    if os.path.isfile(last):
+    if utils.all_gather_object(os.path.isfile(last))[0]:
         print(f"--auto_resume: resuming from {last}" + (f" (not --checkpoint {args.checkpoint})" if args.checkpoint
                                                         else ""))
         args.checkpoint, args.resume = last, True

@@ -131,12 +131,14 @@ def test_pretrain_script_under_torchrun_on_two_processes(demo_data, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(REPO, "Pretrain.py"),
                *demo_flags(demo_data, "json_pretrain", str(out), os.path.join(REPO, "configs/demo/Pretrain.yaml")),
-               "schedular.epochs=1", f"batch_size={batch}", f"queue_size={queue}", "save_every_steps=2"]
+               "schedular.epochs=1", f"batch_size={batch}", f"queue_size={queue}", "save_every_steps=2",
+               "--auto_resume"]  # nothing to resume yet: rank 0 tells both processes to start afresh
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distributed init (rank 1): env://, backend gloo" in result.stdout + result.stderr
     assert "(epoch 0, step 2, random states of 2 processes)" in result.stdout
+    assert "--auto_resume: no " in result.stdout
     records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert len(records) == 1 and all(math.isfinite(float(records[0][f"train_loss_{k}"]))
                                      for k in ("mlm", "ita", "itm", "mae"))
