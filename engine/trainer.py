@@ -92,6 +92,9 @@ def train_one_epoch(task: Task, model: nn.Module, loader, optimizer, scheduler, 
     continues the epoch after the steps a mid-epoch checkpoint holds (the loader's sampler skips their
     samples without loading them); ``save_mid_epoch`` is called every ``save_every_steps`` steps.
     """
+    save_every = get_option(config, "save_every_steps")
+    if save_every < 0:
+        raise ValueError(f"config key save_every_steps is {save_every}; expected 0 (off) or a number of steps")
     model.train()
     if train_step is None:
         train_step = build_train_step(task, model, optimizer, config, device)
@@ -108,9 +111,6 @@ def train_one_epoch(task: Task, model: nn.Module, loader, optimizer, scheduler, 
     if start and start.rank_state:
         utils.set_rng_state(start.rank_state["rng"])
         logger.load_state_dict(start.rank_state["meters"])
-    save_every = get_option(config, "save_every_steps") or 0
-    if save_every < 0:
-        raise ValueError(f"config key save_every_steps is {save_every}; expected 0 (off) or a number of steps")
     print_freq = get_option(config, "print_freq")
     guard = NonFiniteGuard()
     header = f"Train Epoch: [{epoch}]"
@@ -370,6 +370,7 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
                               last_path)
             print(f"saved {last_path} (epoch {epoch}, step {steps_done}, random states of {len(rank_states)} "
                   "processes)")
+
     if start_epoch >= epochs and not evaluate_only:
         print(f"nothing to train: {args.checkpoint} ends epoch {start_epoch - 1} of {epochs} (schedular.epochs)")
         return record

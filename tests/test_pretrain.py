@@ -115,6 +115,13 @@ def test_auto_resume_takes_the_output_dirs_last_checkpoint_when_training(tmp_pat
     assert (evaluation.checkpoint, evaluation.resume) == ("pretrained.pth", False)
 
 
+def test_negative_save_every_steps_is_named():
+    from engine.trainer import train_one_epoch
+
+    with pytest.raises(ValueError, match="save_every_steps is -5"):
+        train_one_epoch(None, None, None, None, None, 0, {"save_every_steps": -5}, torch.device("cpu"))
+
+
 def test_mid_epoch_start_falls_back_when_the_run_layout_changed(capsys):
     from engine.trainer import MidEpochStart, _mid_epoch_start
 
