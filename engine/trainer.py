@@ -357,6 +357,9 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
     last_path = os.path.join(args.output_dir, "checkpoint_last.pth")
     record: dict[str, Any] = {}
     mid_epoch_start = None if evaluate_only else _mid_epoch_start(state, start_epoch, len(loaders["train"]))
+    if task.scheduler_step_at == "epoch_end" and start_epoch > 0 and not mid_epoch_start and not evaluate_only:
+        # An epoch-end checkpoint is written before the scheduler's step for the next epoch: take it here.
+        scheduler.step(start_epoch + warmup_epochs)
 
     def save_mid_epoch(epoch: int, steps_done: int, logger: utils.MetricLogger) -> None:
         """checkpoint_last.pth after ``steps_done`` steps of ``epoch``, with every process's random

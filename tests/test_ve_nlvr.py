@@ -465,6 +465,24 @@ def test_ve_fine_tunes_from_the_pretraining_checkpoint(demo_data, pretrain_check
     assert "cls_head.2.weight" in saved["model"] and saved["best"] == pytest.approx(best)
 
 
+def test_resume_of_a_task_that_steps_its_scheduler_at_epoch_ends(demo_data, tmp_path):
+    """VE steps the scheduler after each epoch, after the epoch's checkpoint is written: the resumed run
+    must step it before its first epoch, or that epoch trains at the previous epoch's learning rate."""
+    import VE
+
+    def flags(out):
+        return demo_flags(demo_data, "json", str(out), os.path.join(REPO, DEMO_CONFIGS["ve"])) + [
+            "schedular.epochs=3", "save_step=1"]
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    VE.main(flags(full))
+    VE.main(flags(resumed) + ["--checkpoint", str(full / "checkpoint_00.pth"), "--resume"])
+    expected, _ = _log(str(full))
+    records, last = _log(str(resumed))
+    assert records == expected[1:]
+    assert last == _log(str(full))[1]  # the best epoch over the whole run
+
+
 def test_text_assignment_then_nlvr_then_evaluate(demo_data, pretrain_checkpoint, tmp_path):
     import NLVR
     import Pretrain_nlvr
