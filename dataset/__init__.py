@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -27,10 +29,10 @@ from .vqa_dataset import VQADataset
 
 __all__ = [
     "AnnotationDataset", "AnnotationError", "CLIP_MEAN", "CLIP_STD", "GroundingDataset", "NLVRDataset",
-    "PretrainDataset", "ResumableSampler", "RetrievalEvalDataset", "RetrievalTrainDataset", "VEDataset", "VE_LABELS",
-    "VQADataset", "build_transform", "build_vc_string", "create_dataset", "create_loader",
+    "PretrainDataset", "ResumableSampler", "RetrievalEvalDataset", "RetrievalTrainDataset", "SeededSamples",
+    "VEDataset", "VE_LABELS", "VQADataset", "build_transform", "build_vc_string", "create_dataset", "create_loader",
     "create_sampler", "load_image", "load_json", "pre_caption", "pre_question", "resolve_paths",
-    "rewrite_pretrain_path", "vqa_collate_fn",
+    "rewrite_pretrain_path", "vqa_collate_fn", "with_seeded_samples",
 ]
 
 # Per script: config keys joined with --data_json_dir and with --data_dir (spec pipeline §2.1).
@@ -188,6 +190,54 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.start_index
+
+
+class SeededSamples(Dataset):
+    """A training dataset whose every sample draws its augmentation (and any other randomness of
+    ``__getitem__``) from its own seed, made of (``seed``, the epoch, the sample's index): the draws no
+    longer depend on which loader worker loads the sample, so ``num_workers`` does not change a run and a
+    mid-epoch resume repeats them. The calling process's random streams are restored afterwards. Other
+    attributes are the wrapped dataset's."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def sample_seed(self, index: int) -> int:
+        return int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        seed = self.sample_seed(index)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def with_seeded_samples(loader: DataLoader, seed: int) -> DataLoader:
+    """``loader`` with its dataset wrapped in `SeededSamples` (same sampler, batches and workers); the
+    trainer calls ``loader.dataset.set_epoch`` with the sampler's."""
+    return DataLoader(SeededSamples(loader.dataset, seed), batch_size=loader.batch_size, sampler=loader.sampler,
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      drop_last=loader.drop_last, persistent_workers=False)
 
 
 def create_sampler(

@@ -161,6 +161,9 @@ _TOP: dict[str, _Key] = {
                                  "positions only, the rows the loss reads (False = all B x L positions, as the "
                                  "original; same values)"),
     "num_workers": _Key("int", 4, "DataLoader worker processes"),
+    "seed_per_sample": _Key("bool", False, "training: seed each sample's augmentation from (--seed, epoch, index), so "
+                            "num_workers does not change a run and a mid-epoch resume repeats the draws (False = "
+                            "each loader worker's own stream, the original)"),
     "print_freq": _Key("int", 50, "iterations between console log lines"),
     "eval_batch_size_text": _Key("int", 64, "Retrieval evaluation: texts per encoder batch"),
     "block_num": _Key("int", None, "Grounding Grad-CAM layer: itm = text layer (cross-attention), itc = ViT block "

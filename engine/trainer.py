@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import utils
-from dataset import resolve_paths
+from dataset import SeededSamples, resolve_paths, with_seeded_samples
 from engine.config import get_option, save_config
 from engine.cuda_graph import GraphedTrainStep
 from engine.tasks.base import Task, to_device
@@ -330,6 +330,8 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
     tokenizer = build_tokenizer(args.text_encoder)
     datasets = task.build_datasets(config, args)
     loaders = task.build_loaders(datasets, config, args, tokenizer)
+    if get_option(config, "seed_per_sample") and loaders.get("train") is not None:
+        loaders["train"] = with_seeded_samples(loaders["train"], args.seed)
     model = task.build_model(config, args, tokenizer)
     configure_runtime(model, config, device)
     model.to(device)
@@ -386,6 +388,8 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
         train_stats: dict[str, str] = {}
         if not evaluate_only:
             loaders["train"].sampler.set_epoch(epoch)
+            if isinstance(loaders["train"].dataset, SeededSamples):
+                loaders["train"].dataset.set_epoch(epoch)
             train_stats = train_one_epoch(task, model, loaders["train"], optimizer, scheduler, epoch, config, device,
                                           train_step, start=mid_epoch_start if epoch == start_epoch else None,
                                           save_mid_epoch=save_mid_epoch)

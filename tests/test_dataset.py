@@ -493,6 +493,24 @@ def test_resumable_sampler_skips_what_a_mid_epoch_checkpoint_did(demo):
     assert sorted(list(ranks[0]) + list(ranks[1])) == sorted(order[4:] + order[:1])
 
 
+def test_seeded_samples_draw_per_sample_and_leave_the_callers_streams(demo):
+    from dataset import SeededSamples
+
+    train = create_dataset("pretrain", _config("Pretrain", demo), data_dir=demo)
+    seeded = pickle.loads(pickle.dumps(SeededSamples(train, seed=7)))  # as a loader worker gets it
+    assert len(seeded) == len(train) and seeded.max_words == train.max_words  # attributes pass through
+    torch.manual_seed(0)
+    first = seeded[3][0]
+    after_one = torch.rand(1)
+    torch.manual_seed(0)
+    seeded[5]
+    seeded[3]
+    assert torch.equal(torch.rand(1), after_one)  # the caller's stream is untouched
+    assert torch.equal(seeded[3][0], first) and not torch.equal(seeded[4][0], first)
+    seeded.set_epoch(1)
+    assert not torch.equal(seeded[3][0], first)  # a new epoch draws anew
+
+
 def test_create_loader_batches(demo):
     train, test = create_dataset("vqa", _config("VQA", demo))
     samplers = create_sampler([train, test], [True, False], 1, 0)

@@ -95,6 +95,40 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_step(demo_data, tmp_path, monk
     assert read_log(crashed) == read_log(full)
 
 
+def test_seed_per_sample_makes_runs_independent_of_loader_workers_and_resumes_exact(demo_data, tmp_path,
+                                                                                     monkeypatch):
+    """seed_per_sample: a run with 2 loader workers, crashed in epoch 0 and resumed from its mid-epoch
+    checkpoint, ends with the log and weights of an uninterrupted run without workers."""
+    import engine.trainer
+
+    def flags(out, workers):
+        return demo_flags(demo_data, "json_pretrain", str(out), CONFIG) + [
+            "schedular.epochs=1", "batch_size=32", "save_every_steps=3", "seed_per_sample=true",
+            f"num_workers={workers}", "--auto_resume"]
+
+    plain, workers = tmp_path / "no_workers", tmp_path / "two_workers"
+    Pretrain.main(flags(plain, 0))
+    step = engine.trainer.GraphedTrainStep.__call__
+    calls = []
+
+    def crash_at_step_5(self, *args):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("simulated crash")
+        return step(self, *args)
+
+    monkeypatch.setattr(engine.trainer.GraphedTrainStep, "__call__", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Pretrain.main(flags(workers, 2))
+    monkeypatch.setattr(engine.trainer.GraphedTrainStep, "__call__", step)
+    Pretrain.main(flags(workers, 2))
+    assert read_log(workers) == read_log(plain)
+    resumed, expected = (torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=False)["model"]
+                         for out in (workers, plain))
+    for name, value in expected.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+
+
 def test_auto_resume_takes_the_output_dirs_last_checkpoint_when_training(tmp_path):
     from argparse import Namespace
 
