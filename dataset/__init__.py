@@ -214,17 +214,20 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        # A loader worker's streams serve its samples only: no need to keep them (~0.1 ms a sample).
+        in_worker = torch.utils.data.get_worker_info() is not None
+        saved = None if in_worker else (random.getstate(), np.random.get_state(), torch.get_rng_state())
         seed = self.sample_seed(index)
         random.seed(seed)
         np.random.seed(seed)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU one only: torch.manual_seed also reseeds CUDA
         try:
             return self.dataset[index]
         finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
 
     def __getattr__(self, name: str) -> Any:
         if name == "dataset":  # not set yet (unpickling): no recursion
