@@ -52,11 +52,29 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(demo_data, tmp_pat
     assert read_log(resumed) == [expected]
 
 
+def pretrain_crashing_at_step(step: int, argv: list[str], monkeypatch) -> None:
+    """Pretrain.main(argv), made to raise as training step ``step`` (0-based, over the whole run) starts."""
+    import engine.trainer
+
+    train_step = engine.trainer.GraphedTrainStep.__call__
+    calls = []
+
+    def crashing(self, *args):
+        calls.append(1)
+        if len(calls) == step + 1:
+            raise RuntimeError("simulated crash")
+        return train_step(self, *args)
+
+    monkeypatch.setattr(engine.trainer.GraphedTrainStep, "__call__", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Pretrain.main(argv)
+    monkeypatch.setattr(engine.trainer.GraphedTrainStep, "__call__", train_step)
+
+
 def test_mid_epoch_checkpoint_resumes_at_the_next_step(demo_data, tmp_path, monkeypatch):
     """save_every_steps: a run that crashes part-way through epoch 0 resumes from its last mid-epoch checkpoint
     and ends with the log and weights of an uninterrupted run (CPU, no loader workers: the same data order,
     random draws, warm-up steps, alpha ramp and epoch averages)."""
-    import engine.trainer
 
     def flags(out):  # 8 steps of 32 per epoch; mid-epoch checkpoints after steps 3 and 6
         return demo_flags(demo_data, "json_pretrain", str(out), CONFIG) + [
@@ -67,19 +85,7 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_step(demo_data, tmp_path, monk
     # the crashed run and its restart are one command: --auto_resume starts afresh, then resumes
     auto = ["--auto_resume"]
     crashed = tmp_path / "crashed"
-    step = engine.trainer.GraphedTrainStep.__call__
-    calls = []
-
-    def crash_at_step_5(self, *args):
-        calls.append(1)
-        if len(calls) == 6:
-            raise RuntimeError("simulated crash")
-        return step(self, *args)
-
-    monkeypatch.setattr(engine.trainer.GraphedTrainStep, "__call__", crash_at_step_5)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        Pretrain.main(flags(crashed) + auto)
-    monkeypatch.setattr(engine.trainer.GraphedTrainStep, "__call__", step)
+    pretrain_crashing_at_step(5, flags(crashed) + auto, monkeypatch)
     saved = torch.load(crashed / "checkpoint_last.pth", map_location="cpu", weights_only=True)
     assert (saved["epoch"], saved["step"], saved["epoch_steps"], len(saved["rank_states"])) == (0, 3, 8, 1)
     assert not (crashed / "log.txt").exists()
@@ -99,8 +105,6 @@ def test_seed_per_sample_makes_runs_independent_of_loader_workers_and_resumes_ex
                                                                                      monkeypatch):
     """seed_per_sample: a run with 2 loader workers, crashed in epoch 0 and resumed from its mid-epoch
     checkpoint, ends with the log and weights of an uninterrupted run without workers."""
-    import engine.trainer
-
     def flags(out, workers):
         return demo_flags(demo_data, "json_pretrain", str(out), CONFIG) + [
             "schedular.epochs=1", "batch_size=32", "save_every_steps=3", "seed_per_sample=true",
@@ -108,19 +112,7 @@ def test_seed_per_sample_makes_runs_independent_of_loader_workers_and_resumes_ex
 
     plain, workers = tmp_path / "no_workers", tmp_path / "two_workers"
     Pretrain.main(flags(plain, 0))
-    step = engine.trainer.GraphedTrainStep.__call__
-    calls = []
-
-    def crash_at_step_5(self, *args):
-        calls.append(1)
-        if len(calls) == 6:
-            raise RuntimeError("simulated crash")
-        return step(self, *args)
-
-    monkeypatch.setattr(engine.trainer.GraphedTrainStep, "__call__", crash_at_step_5)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        Pretrain.main(flags(workers, 2))
-    monkeypatch.setattr(engine.trainer.GraphedTrainStep, "__call__", step)
+    pretrain_crashing_at_step(5, flags(workers, 2), monkeypatch)
     Pretrain.main(flags(workers, 2))
     assert read_log(workers) == read_log(plain)
     resumed, expected = (torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=False)["model"]
