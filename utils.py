@@ -196,11 +196,16 @@ def _reduce_device() -> torch.device:
 # seeding
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (CPU and CUDA) generators; callers add the rank, as the original."""
+def seed_everything(seed: int, cuda: bool = True) -> None:
+    """Seed Python's, NumPy's and torch's CPU generators, and CUDA's unless ``cuda`` is False (a per-sample
+    seed in the data pipeline must leave the training step's CUDA stream alone); callers add the rank,
+    as the original."""
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    if cuda:
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:

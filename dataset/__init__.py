@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from utils import seed_everything
+
 from .base import AnnotationDataset, build_vc_string
 from .collate import vqa_collate_fn
 from .grounding_dataset import GroundingDataset
@@ -194,21 +196,18 @@ class ResumableSampler(DistributedSampler):
 
 class SeededSamples(Dataset):
     """A training dataset whose every sample draws its augmentation (and any other randomness of
-    ``__getitem__``) from its own seed, made of (``seed``, the epoch, the sample's index): the draws no
-    longer depend on which loader worker loads the sample, so ``num_workers`` does not change a run and a
-    mid-epoch resume repeats them. The calling process's random streams are restored afterwards. Other
-    attributes are the wrapped dataset's."""
+    ``__getitem__``) from its own seed, made of (``seed``, the epoch of ``sampler``, the sample's index):
+    the draws no longer depend on which loader worker loads the sample, so ``num_workers`` does not
+    change a run and a mid-epoch resume repeats them. The calling process's random streams are restored
+    afterwards. Other attributes are the wrapped dataset's."""
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
+    def __init__(self, dataset: Dataset, seed: int, sampler: DistributedSampler) -> None:
         self.dataset = dataset
         self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.sampler = sampler  # its set_epoch (the trainer's, every epoch) sets the epoch here too
 
     def sample_seed(self, index: int) -> int:
-        return int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+        return int(np.random.SeedSequence([self.seed, self.sampler.epoch, index]).generate_state(1)[0])
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -217,10 +216,7 @@ class SeededSamples(Dataset):
         # A loader worker's streams serve its samples only: no need to keep them (~0.1 ms a sample).
         in_worker = torch.utils.data.get_worker_info() is not None
         saved = None if in_worker else (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        seed = self.sample_seed(index)
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.default_generator.manual_seed(seed)  # the CPU one only: torch.manual_seed also reseeds CUDA
+        seed_everything(self.sample_seed(index), cuda=False)
         try:
             return self.dataset[index]
         finally:
@@ -236,11 +232,11 @@ class SeededSamples(Dataset):
 
 
 def with_seeded_samples(loader: DataLoader, seed: int) -> DataLoader:
-    """``loader`` with its dataset wrapped in `SeededSamples` (same sampler, batches and workers); the
-    trainer calls ``loader.dataset.set_epoch`` with the sampler's."""
-    return DataLoader(SeededSamples(loader.dataset, seed), batch_size=loader.batch_size, sampler=loader.sampler,
-                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                      drop_last=loader.drop_last, persistent_workers=False)
+    """``loader`` with its dataset wrapped in `SeededSamples` that follows the loader's sampler (same
+    sampler, batches and workers)."""
+    return DataLoader(SeededSamples(loader.dataset, seed, loader.sampler), batch_size=loader.batch_size,
+                      sampler=loader.sampler, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      pin_memory=loader.pin_memory, drop_last=loader.drop_last, persistent_workers=False)
 
 
 def create_sampler(

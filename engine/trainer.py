@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import utils
-from dataset import SeededSamples, resolve_paths, with_seeded_samples
+from dataset import resolve_paths, with_seeded_samples
 from engine.config import get_option, save_config
 from engine.cuda_graph import GraphedTrainStep
 from engine.tasks.base import Task, to_device
@@ -363,16 +363,20 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
         # An epoch-end checkpoint is written before the scheduler's step for the next epoch: take it here.
         scheduler.step(start_epoch + warmup_epochs)
 
+    def checkpoint(epoch: int, **extra: Any) -> dict:
+        """The checkpoint of ``epoch``: the original's five entries, the best metric so far for
+        best-selection tasks, and ``extra``."""
+        if task.checkpoint_policy == "best":
+            extra.update(best=best, best_epoch=best_epoch)
+        return _checkpoint_payload(model_without_ddp, optimizer, scheduler, config, epoch, extra)
+
     def save_mid_epoch(epoch: int, steps_done: int, logger: utils.MetricLogger) -> None:
         """checkpoint_last.pth after ``steps_done`` steps of ``epoch``, with every process's random
         generator and meter states, so that ``--resume`` continues with the next step."""
         rank_states = utils.all_gather_object({"rng": utils.rng_state(), "meters": logger.state_dict()})
         if utils.is_main_process():
-            extra = {"step": steps_done, "epoch_steps": len(loaders["train"]), "rank_states": rank_states}
-            if task.checkpoint_policy == "best":
-                extra.update(best=best, best_epoch=best_epoch)
-            utils.atomic_save(_checkpoint_payload(model_without_ddp, optimizer, scheduler, config, epoch, extra),
-                              last_path)
+            utils.atomic_save(checkpoint(epoch, step=steps_done, epoch_steps=len(loaders["train"]),
+                                         rank_states=rank_states), last_path)
             print(f"saved {last_path} (epoch {epoch}, step {steps_done}, random states of {len(rank_states)} "
                   "processes)")
 
@@ -388,8 +392,6 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
         train_stats: dict[str, str] = {}
         if not evaluate_only:
             loaders["train"].sampler.set_epoch(epoch)
-            if isinstance(loaders["train"].dataset, SeededSamples):
-                loaders["train"].dataset.set_epoch(epoch)
             train_stats = train_one_epoch(task, model, loaders["train"], optimizer, scheduler, epoch, config, device,
                                           train_step, start=mid_epoch_start if epoch == start_epoch else None,
                                           save_mid_epoch=save_mid_epoch)
@@ -402,8 +404,7 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
                 improved = selection is not None and selection > best
                 if improved:
                     best, best_epoch = selection, epoch
-                extra = {"best": best, "best_epoch": best_epoch} if task.checkpoint_policy == "best" else {}
-                payload = _checkpoint_payload(model_without_ddp, optimizer, scheduler, config, epoch, extra)
+                payload = checkpoint(epoch)
                 utils.atomic_save(payload, last_path)
                 if improved:
                     utils.atomic_save(payload, os.path.join(args.output_dir, "checkpoint_best.pth"))
@@ -420,5 +421,5 @@ def run(task: Task, args: argparse.Namespace, config: dict) -> dict[str, Any]:
     elapsed = str(datetime.timedelta(seconds=int(time.time() - start_time)))
     print(f"{'evaluation' if evaluate_only else 'training'} time {elapsed}; log: {os.path.abspath(log_path)}")
     if not evaluate_only:
-        print(f"checkpoint: {os.path.abspath(os.path.join(args.output_dir, 'checkpoint_last.pth'))}")
+        print(f"checkpoint: {os.path.abspath(last_path)}")
     return record

@@ -497,7 +497,9 @@ def test_seeded_samples_draw_per_sample_and_leave_the_callers_streams(demo):
     from dataset import SeededSamples
 
     train = create_dataset("pretrain", _config("Pretrain", demo), data_dir=demo)
-    seeded = pickle.loads(pickle.dumps(SeededSamples(train, seed=7)))  # as a loader worker gets it
+    sampler = create_sampler([train], [True], 1, 0)[0]
+    seeded = SeededSamples(train, seed=7, sampler=sampler)
+    assert len(pickle.loads(pickle.dumps(seeded))) == len(train)  # as a loader worker gets it
     assert len(seeded) == len(train) and seeded.max_words == train.max_words  # attributes pass through
     torch.manual_seed(0)
     first = seeded[3][0]
@@ -507,7 +509,7 @@ def test_seeded_samples_draw_per_sample_and_leave_the_callers_streams(demo):
     seeded[3]
     assert torch.equal(torch.rand(1), after_one)  # the caller's stream is untouched
     assert torch.equal(seeded[3][0], first) and not torch.equal(seeded[4][0], first)
-    seeded.set_epoch(1)
+    sampler.set_epoch(1)
     assert not torch.equal(seeded[3][0], first)  # a new epoch draws anew
 
 
